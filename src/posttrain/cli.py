@@ -1,0 +1,102 @@
+"""Command line: ``posttrain train``, ``posttrain eval``, ``posttrain classic``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _train(args: argparse.Namespace) -> int:
+    from posttrain.train.config import ConfigError, load_config
+    from posttrain.train.loop import resume_run, train
+
+    try:
+        if args.resume:
+            result = resume_run(args.resume, args.set)
+        else:
+            config = load_config(args.config, args.set)
+            if args.print_config:
+                print(yaml.safe_dump(config.model_dump(), sort_keys=False))
+                return 0
+            result = train(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(result.table)
+    print(f"curves:     {result.plot_path}")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"metrics:    {result.run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from posttrain.models.load import load_policy
+    from posttrain.rollout.hf import HFRolloutEngine
+    from posttrain.train.config import ConfigError, load_config
+    from posttrain.train.evaluate import evaluate
+    from posttrain.train.setup import build_task, resolve_rewards
+
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    task = build_task(config)
+    model, tokenizer = load_policy(Path(args.model))
+    rows = task.test if args.split == "test" else task.train
+    result = evaluate(
+        HFRolloutEngine(model, tokenizer),
+        tokenizer,
+        rows[: args.num_prompts],
+        resolve_rewards(task),
+        max_new_tokens=task.max_new_tokens,
+        temperature=args.temperature,
+    )
+    print(f"{task.name} {args.split}: accuracy {100 * result['eval_accuracy']:.1f}%  "
+          f"mean reward {result['eval_reward']:.3f}  ({len(result['samples'])} prompts)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="RL-train a causal LM (no arguments: the embedded demo)")
+    train.add_argument("--config", type=Path, default=None, help="YAML config (default: the embedded demo)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set algorithm=ppo --set rollout.group_size=8")
+    train.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                       help="continue runs/<name> from its last checkpoint")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on a task split")
+    ev.add_argument("--model", required=True, help="a checkpoint's policy dir or any local HF model")
+    ev.add_argument("--config", type=Path, default=None)
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--split", choices=["test", "train"], default="test")
+    ev.add_argument("--num-prompts", type=int, default=200)
+    ev.add_argument("--temperature", type=float, default=0.0)
+    ev.set_defaults(func=_eval)
+
+    try:
+        from posttrain.classic.study import add_classic_arguments, main_from_args
+    except ImportError:  # the classic study is optional
+        pass
+    else:
+        classic = sub.add_parser("classic", help="critic vs group baselines on gymnasium control tasks")
+        add_classic_arguments(classic)
+        classic.set_defaults(func=main_from_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

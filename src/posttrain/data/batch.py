@@ -1,0 +1,118 @@
+"""Batch: padded ``[batch, time]`` tensors built from Episodes, and its mini-batch views."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from posttrain.data.trace import Episode
+
+
+@dataclass
+class Batch:
+    """Right-padded tensors for one training step.
+
+    Per token ``[batch, time]``: ``input_ids``, ``attention_mask``, ``loss_mask``,
+    ``rollout_logprobs`` (sampler), ``token_rewards``; filled later by the trainer: ``old_logprobs``
+    (policy before the update), ``ref_logprobs``, ``values``, ``advantages``, ``returns``,
+    ``loss_weights`` / ``value_weights`` (aggregation weights computed over a whole optimizer-step
+    batch). Per row ``[batch]``: ``group_ids``, ``episode_ids``, ``segment_index``, ``ended``,
+    ``bootstrap_values`` (V after the row's last token, for sub-traces cut off mid-episode).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    loss_mask: Tensor
+    rollout_logprobs: Tensor
+    token_rewards: Tensor
+    group_ids: Tensor
+    episode_ids: Tensor
+    segment_index: Tensor
+    ended: Tensor
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    values: Tensor | None = None
+    advantages: Tensor | None = None
+    returns: Tensor | None = None
+    loss_weights: Tensor | None = None
+    value_weights: Tensor | None = None
+    bootstrap_values: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def as_dict(self) -> dict[str, Any]:
+        """Field name -> tensor for the fields that are set (for ``Registry.call``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def select(self, rows: Tensor | Sequence[int]) -> Batch:
+        """The rows ``rows`` of every tensor, with trailing all-padding columns trimmed."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        width = int(self.attention_mask[index].sum(dim=1).max().item()) if len(index) else 0
+        picked: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                picked[f.name] = None
+            elif value.dim() == 2:
+                picked[f.name] = value[index, :width]
+            else:
+                picked[f.name] = value[index]
+        return replace(self, **picked)
+
+
+def collate_episodes(episodes: Sequence[Episode], pad_token_id: int) -> Batch:
+    """Pad every sub-trace of every episode into one Batch (one row per trace, right padding).
+
+    The episode's outcome reward is placed on the last trainable token of its last sub-trace;
+    an episode with no trainable token keeps its reward nowhere (it cannot be credited).
+    """
+    traces = [trace for episode in episodes for trace in episode.traces]
+    if not traces:
+        raise ValueError("cannot build a batch from zero traces")
+    width = max(len(t.tokens) for t in traces)
+    rows = len(traces)
+    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    loss_mask = torch.zeros((rows, width))
+    rollout_logprobs = torch.zeros((rows, width))
+    token_rewards = torch.zeros((rows, width))
+    row = 0
+    for episode in episodes:
+        last_action: tuple[int, int] | None = None
+        for trace in sorted(episode.traces, key=lambda t: t.segment_index):
+            n = len(trace.tokens)
+            input_ids[row, :n] = torch.tensor(trace.tokens, dtype=torch.long)
+            attention_mask[row, :n] = 1
+            loss_mask[row, :n] = torch.tensor(trace.loss_mask, dtype=torch.float32)
+            rollout_logprobs[row, :n] = torch.tensor(trace.rollout_logprobs, dtype=torch.float32)
+            actions = [i for i, m in enumerate(trace.loss_mask) if m]
+            if actions:
+                last_action = (row, actions[-1])
+            row += 1
+        if last_action is not None:
+            token_rewards[last_action] = float(episode.reward)
+    ordered = [t for e in episodes for t in sorted(e.traces, key=lambda t: t.segment_index)]
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        loss_mask=loss_mask,
+        rollout_logprobs=rollout_logprobs,
+        token_rewards=token_rewards,
+        group_ids=torch.tensor([t.group_id for t in ordered], dtype=torch.long),
+        episode_ids=torch.tensor([t.episode_id for t in ordered], dtype=torch.long),
+        segment_index=torch.tensor([t.segment_index for t in ordered], dtype=torch.long),
+        ended=torch.tensor([t.ended for t in ordered], dtype=torch.bool),
+    )
+
+
+def mini_batches(num_rows: int, num_mini_batches: int, generator: torch.Generator) -> list[Tensor]:
+    """A random split of ``range(num_rows)`` into ``num_mini_batches`` near-equal index tensors."""
+    if not 1 <= num_mini_batches <= num_rows:
+        raise ValueError(f"num_mini_batches must be in [1, {num_rows}], got {num_mini_batches}")
+    order = torch.randperm(num_rows, generator=generator)
+    return [chunk for chunk in order.chunk(num_mini_batches) if len(chunk)]

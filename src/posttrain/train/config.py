@@ -1,0 +1,240 @@
+"""TrainConfig: every setting of a run, validated before any work starts.
+
+Configs are YAML files and ``--set key.sub=value`` overrides; an unknown key or a bad value fails
+with a message naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from posttrain.algorithms.presets import PRESETS, AlgorithmPreset, get_preset
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSettings(Section):
+    name: str = "demo"
+    output_dir: str = "runs"
+    seed: int = 0
+    num_threads: int = Field(0, ge=0, description="torch threads; 0 = torch's default")
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class ModelConfig(Section):
+    path: str | None = Field(None, description="local HF causal LM; None = the embedded tiny model")
+    lora: LoraConfig | None = None
+    critic_path: str | None = Field(None, description="critic init; None = initialise from the policy")
+    tiny_hidden_size: int = 128
+    tiny_layers: int = 4
+
+
+class RewardFnConfig(Section):
+    fn: str
+    weight: float = 1.0
+
+
+class DataConfig(Section):
+    task: str | None = Field("arithmetic", description="built-in task, used when `path` is not set")
+    path: str | None = Field(None, description="JSONL / Parquet / CSV file or saved HF dataset folder")
+    test_path: str | None = None
+    prompt_field: str = "prompt"
+    num_train: int = Field(4000, ge=1)
+    num_test: int = Field(200, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, description="None = the task's default")
+    reward_fns: list[RewardFnConfig] = Field(default_factory=list, description="empty = task default")
+
+
+class RolloutConfig(Section):
+    prompts_per_step: int = Field(32, ge=1)
+    group_size: int = Field(8, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+
+
+class AlgorithmOverrides(Section):
+    """Any field left None keeps the preset's value."""
+
+    advantage: str | None = None
+    advantage_kwargs: dict[str, Any] | None = None
+    policy_loss: str | None = None
+    loss_kwargs: dict[str, Any] | None = None
+    kl_estimator: str | None = None
+    kl_placement: Literal["reward", "loss", "none"] | None = None
+    kl_coef: float | None = Field(None, ge=0.0)
+    aggregation: str | None = None
+    dynamic_sampling: bool | None = None
+    overlong_shaping: bool | None = None
+
+
+class OptimConfig(Section):
+    steps: int = Field(60, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    critic_lr: float = Field(5e-4, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
+    num_mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch")
+    micro_batch_size: int = Field(64, ge=1, description="rows per forward/backward (accumulated)")
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    entropy_coef: float = Field(0.0, ge=0.0)
+    vf_coef: float = Field(0.5, ge=0.0)
+    cliprange_value: float | None = Field(0.2, gt=0.0)
+    critic_warmup_steps: int = Field(0, ge=0)
+    adaptive_kl_target: float | None = Field(None, gt=0.0, description="None = fixed KL coefficient")
+    overlong_buffer: int = Field(4, ge=1)
+
+
+class WarmStartConfig(Section):
+    """Supervised warm-start on the task's solutions (used for the embedded tiny model)."""
+
+    steps: int = Field(0, ge=0)
+    lr: float = Field(3e-3, gt=0.0)
+    batch_size: int = Field(64, ge=1)
+
+
+class EvalConfig(Section):
+    every: int = Field(10, ge=0, description="evaluate every N steps; 0 = only at start and end")
+    num_prompts: int = Field(200, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = True
+    progress: bool = True
+    checkpoint_every: int = Field(0, ge=0, description="0 = only the final checkpoint")
+    keep_last: int = Field(2, ge=1)
+    num_samples: int = Field(8, ge=0, description="samples per step written to samples.jsonl")
+
+
+class TrainConfig(Section):
+    algorithm: str = "grpo"
+    run: RunSettings = RunSettings()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    algo: AlgorithmOverrides = AlgorithmOverrides()
+    optim: OptimConfig = OptimConfig()
+    warmstart: WarmStartConfig = WarmStartConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown algorithm {value!r}; allowed: {sorted(PRESETS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.data.path is None and self.data.task is None:
+            raise ValueError("set data.task (a built-in task) or data.path (your dataset)")
+        preset = self.preset()  # raises on unknown registry names
+        from posttrain.algorithms import registry
+
+        checks = [
+            (registry.ADVANTAGES, preset.advantage, "algo.advantage"),
+            (registry.POLICY_LOSSES, preset.policy_loss, "algo.policy_loss"),
+            (registry.KL_ESTIMATORS, preset.kl_estimator, "algo.kl_estimator"),
+            (registry.AGGREGATIONS, preset.aggregation, "algo.aggregation"),
+        ]
+        for reg, name, key in checks:
+            if name not in reg:
+                raise ValueError(f"{key}: unknown {reg.kind} {name!r}; allowed: {reg.names()}")
+        if not preset.uses_critic and self.rollout.group_size < 2:
+            raise ValueError(
+                f"rollout.group_size must be >= 2 for {self.algorithm!r} (a group baseline needs "
+                "several samples per prompt); got 1"
+            )
+        rows = self.rollout.prompts_per_step * self.rollout.group_size
+        if self.optim.num_mini_batches > rows:
+            raise ValueError(
+                f"optim.num_mini_batches ({self.optim.num_mini_batches}) exceeds the rows per step "
+                f"(rollout.prompts_per_step * rollout.group_size = {rows})"
+            )
+        return self
+
+    def preset(self) -> AlgorithmPreset:
+        """The algorithm preset with this config's overrides applied."""
+        import posttrain.algorithms  # noqa: F401  (registers every function)
+
+        overrides = {k: v for k, v in self.algo.model_dump().items() if v is not None}
+        return get_preset(self.algorithm).with_overrides(**overrides)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {dotted}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["rollout.group_size=8", "algorithm=ppo"]`` -> nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = ["invalid config:"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see `posttrain train --print-config`)"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message names the key and the fix."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (optional), apply ``--set`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        tree = loaded
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None

@@ -1,0 +1,200 @@
+"""``train(config)``: the outer loop. Set up, evaluate, run RL steps, checkpoint, report."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.data.tasks import Task
+from posttrain.models.load import save_policy
+from posttrain.report.plots import plot_training_curves
+from posttrain.report.tables import render_table, summary_table
+from posttrain.train.checkpoint import (
+    latest_checkpoint,
+    load_extra_tensors,
+    load_trainer_state,
+    save_checkpoint,
+)
+from posttrain.train.config import TrainConfig, load_config
+from posttrain.train.evaluate import evaluate
+from posttrain.train.logging import RunLogger, TrainProgress, read_metrics
+from posttrain.train.setup import build_state, build_task, embedded_model_path, seed_everything
+from posttrain.train.step import TrainState, rl_step
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    initial_eval: dict[str, float]
+    final_eval: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    plot_path: Path | None = None
+    checkpoint: Path | None = None
+    table: str = ""
+
+
+def rows_for_step(train_rows: list[dict[str, Any]], position: int, count: int, seed: int) -> list[dict[str, Any]]:
+    """Prompts ``position .. position + count`` of an endless stream of seeded per-epoch shuffles."""
+    out = []
+    n = len(train_rows)
+    for index in range(position, position + count):
+        epoch, offset = divmod(index, n)
+        order = list(range(n))
+        random.Random(seed * 7919 + epoch).shuffle(order)
+        out.append(train_rows[order[offset]])
+    return out
+
+
+def _run_eval(state: TrainState, task: Task) -> dict[str, Any]:
+    cfg = state.config
+    return evaluate(
+        state.engine,
+        state.tokenizer,
+        task.test[: cfg.eval.num_prompts],
+        state.reward_fns,
+        max_new_tokens=task.max_new_tokens,
+        temperature=cfg.eval.temperature,
+        seed=cfg.run.seed,
+    )
+
+
+def _checkpoint(state: TrainState, run_dir: Path, model_path: Path) -> Path:
+    cfg = state.config
+    optimizers = {"policy": state.policy_optimizer}
+    schedulers: dict[str, Any] = {"policy": state.policy_scheduler}
+    if state.critic_optimizer is not None:
+        optimizers["critic"] = state.critic_optimizer
+        schedulers["critic"] = state.critic_scheduler
+    trainable = {k: v.detach() for k, v in state.policy.named_parameters() if v.requires_grad}
+    extra = {"policy_trainable": trainable} if cfg.model.lora else None
+    trainer_state = {
+        "step": state.step,
+        "data_position": state.data_position,
+        "model_path": str(model_path),
+        "kl_controller": state.kl_controller.state_dict() if state.kl_controller else None,
+    }
+    return save_checkpoint(
+        run_dir,
+        state.step,
+        policy=state.policy,
+        tokenizer=state.tokenizer,
+        critic=state.critic,
+        optimizers=optimizers,
+        schedulers=schedulers,
+        trainer_state=trainer_state,
+        keep_last=cfg.logging.keep_last,
+        save_policy=lambda out: save_policy(state.policy, state.tokenizer, out),
+        extra_tensors=extra,
+    )
+
+
+def _restore(state: TrainState, checkpoint: Path) -> None:
+    optimizers = {"policy": state.policy_optimizer}
+    schedulers: dict[str, Any] = {"policy": state.policy_scheduler}
+    if state.critic_optimizer is not None:
+        optimizers["critic"] = state.critic_optimizer
+        schedulers["critic"] = state.critic_scheduler
+    trainer_state = load_trainer_state(checkpoint, optimizers=optimizers, schedulers=schedulers)
+    state.step = int(trainer_state["step"])
+    state.data_position = int(trainer_state["data_position"])
+    if state.kl_controller is not None and trainer_state.get("kl_controller"):
+        state.kl_controller.load_state_dict(trainer_state["kl_controller"])
+    if state.config.model.lora:
+        trainable = load_extra_tensors(checkpoint)["policy_trainable"]
+        state.policy.load_state_dict(trainable, strict=False)
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Run RL training as configured. With ``resume``, continue ``runs/<name>`` from its last checkpoint."""
+    cfg = config
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+    seed_everything(cfg.run.seed)
+    task = build_task(cfg)
+    model_path = Path(cfg.model.path) if cfg.model.path else embedded_model_path(cfg, task)
+
+    # a resumed full fine-tune continues from the checkpoint's weights; the reference stays the original
+    policy_path = checkpoint / "policy" if checkpoint is not None and not cfg.model.lora else model_path
+    critic_path = checkpoint / "critic" if checkpoint is not None and (checkpoint / "critic").is_dir() else None
+    state = build_state(cfg, task, model_path, policy_path=policy_path, critic_path=critic_path)
+    if checkpoint is not None:
+        _restore(state, checkpoint)
+
+    logger = RunLogger(run_dir, tensorboard=cfg.logging.tensorboard, resume=checkpoint is not None)
+    logger.write_config(cfg.model_dump())
+    initial: dict[str, Any] = {}
+    if checkpoint is None:
+        initial = _run_eval(state, task)
+        logger.log_metrics(0, {k: v for k, v in initial.items() if k != "samples"})
+    start = time.perf_counter()
+    with TrainProgress(cfg.optim.steps, enabled=cfg.logging.progress, start_step=state.step) as progress:
+        while state.step < cfg.optim.steps:
+            rows = rows_for_step(task.train, state.data_position, cfg.rollout.prompts_per_step, cfg.run.seed)
+            state.data_position += len(rows)
+            metrics = rl_step(state, rows)
+            if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.optim.steps:
+                metrics.update({k: v for k, v in _run_eval(state, task).items() if k != "samples"})
+            logger.log_metrics(state.step, metrics)
+            logger.log_samples(state.step, state.extra["last_samples"][: cfg.logging.num_samples])
+            progress.update(state.step, metrics)
+            every = cfg.logging.checkpoint_every
+            if every and state.step % every == 0 and state.step < cfg.optim.steps:
+                _checkpoint(state, run_dir, model_path)
+    final = _run_eval(state, task)
+    logger.log_metrics(state.step, {k: v for k, v in final.items() if k != "samples"} | {"final": 1.0})
+    logger.log_samples(state.step, [dict(s, split="test") for s in final["samples"][: cfg.logging.num_samples]])
+    last = _checkpoint(state, run_dir, model_path)
+    logger.close()
+
+    history = read_metrics(run_dir / "metrics.jsonl")
+    plot = plot_training_curves(
+        history,
+        run_dir / "curves.png",
+        keys=("reward_mean", "accuracy", "eval_accuracy", "kl", "clipfrac", "response_length"),
+        title=f"{cfg.algorithm} on {task.name}",
+    )
+    if not initial:
+        initial = next((h for h in history if h.get("step") == 0 and "eval_accuracy" in h), {})
+    rows_table = []
+    for label, ev in (("before RL", initial), ("after RL", final)):
+        if ev:
+            rows_table.append(
+                {
+                    "model": label,
+                    "eval accuracy": f"{100 * ev['eval_accuracy']:.1f}%",
+                    "eval reward": f"{ev['eval_reward']:.3f}",
+                    "response length": f"{ev['eval_response_length']:.1f}",
+                }
+            )
+    table = render_table(
+        summary_table(
+            rows_table,
+            ["model", "eval accuracy", "eval reward", "response length"],
+            title=f"{cfg.algorithm} on {task.name}: {cfg.optim.steps} steps in {time.perf_counter() - start:.0f} s",
+        )
+    )
+    return TrainResult(
+        run_dir=run_dir,
+        initial_eval={k: v for k, v in initial.items() if k != "samples"},
+        final_eval={k: v for k, v in final.items() if k != "samples"},
+        history=history,
+        plot_path=plot,
+        checkpoint=last,
+        table=table,
+    )
+
+
+def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> TrainResult:
+    """Continue a run from ``run_dir/config.yaml`` and its last checkpoint."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml", overrides)
+    return train(config, resume=True)

@@ -1,0 +1,145 @@
+"""Plain builders for a run's parts: task, models, engine, optimizers. Each does one thing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from posttrain.algorithms.kl import AdaptiveKLController, FixedKLController
+from posttrain.data.datasets import load_rows, task_from_rows
+from posttrain.data.tasks import Task, get_task, task_corpus
+from posttrain.models.critic import ValueModel
+from posttrain.models.load import LoraSettings, ReferencePolicy, load_policy
+from posttrain.models.tiny import build_tiny_model
+from posttrain.rewards.functions import RewardSpec, resolve_reward_fn
+from posttrain.rollout.hf import HFRolloutEngine
+from posttrain.train.config import TrainConfig
+from posttrain.train.step import TrainState
+from posttrain.train.warmstart import warm_start
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    """The built-in task, or the user's dataset with the configured reward functions."""
+    data = cfg.data
+    specs = [RewardSpec(r.fn, r.weight) for r in data.reward_fns]
+    if data.path is None:
+        assert data.task is not None
+        task = get_task(data.task, seed=cfg.run.seed, num_train=data.num_train, num_test=data.num_test)
+        if specs:
+            task.reward_fns = specs
+    else:
+        if not specs:
+            raise ValueError("data.reward_fns: a dataset given by data.path needs at least one reward function")
+        train_rows = load_rows(data.path, prompt_field=data.prompt_field, limit=data.num_train)
+        test_rows = (
+            load_rows(data.test_path, prompt_field=data.prompt_field, limit=data.num_test)
+            if data.test_path
+            else train_rows[: data.num_test]
+        )
+        task = task_from_rows(train_rows, test_rows, specs, Path(data.path).stem, data.max_new_tokens or 64)
+    if data.max_new_tokens is not None:
+        task.max_new_tokens = data.max_new_tokens
+    return task
+
+
+def resolve_rewards(task: Task) -> list[tuple[str, Any, float]]:
+    resolved = []
+    for spec in task.reward_fns:
+        name, fn = resolve_reward_fn(spec.fn)
+        resolved.append((name, fn, float(spec.weight)))
+    return resolved
+
+
+def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
+    """Build (once, cached) the tiny Llama and warm-start it on the task's solutions."""
+    settings = {
+        "task": task.name,
+        "hidden": cfg.model.tiny_hidden_size,
+        "layers": cfg.model.tiny_layers,
+        "seed": cfg.run.seed,
+        "warmstart": cfg.warmstart.model_dump(),
+        "num_train": cfg.data.num_train,
+    }
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    cache = Path(cfg.run.output_dir) / ".cache"
+    base = build_tiny_model(
+        cache / f"tiny-{task.name}-h{cfg.model.tiny_hidden_size}-l{cfg.model.tiny_layers}-s{cfg.run.seed}",
+        task_corpus(task),
+        hidden_size=cfg.model.tiny_hidden_size,
+        num_layers=cfg.model.tiny_layers,
+        seed=cfg.run.seed,
+    )
+    if cfg.warmstart.steps == 0:
+        return base
+    return warm_start(base, cache / f"warm-{key}", task, cfg.warmstart, seed=cfg.run.seed)
+
+
+def build_state(
+    cfg: TrainConfig,
+    task: Task,
+    model_path: Path,
+    *,
+    policy_path: Path | None = None,
+    critic_path: Path | None = None,
+) -> TrainState:
+    """``model_path`` is the run's starting model (and the KL reference); ``policy_path`` and
+    ``critic_path`` point at checkpointed weights when resuming."""
+    preset = cfg.preset()
+    lora = LoraSettings(**cfg.model.lora.model_dump()) if cfg.model.lora else None
+    if lora is not None:
+        lora.target_modules = tuple(lora.target_modules)
+    policy, tokenizer = load_policy(policy_path or model_path, lora=lora)
+    needs_reference = preset.kl_placement != "none" and preset.kl_coef > 0
+    reference = ReferencePolicy.create(model_path, policy) if needs_reference else None
+    critic_source = critic_path or cfg.model.critic_path or model_path
+    critic = ValueModel.from_pretrained(critic_source) if preset.uses_critic else None
+    optim = cfg.optim
+    policy_optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad], lr=optim.lr, weight_decay=optim.weight_decay
+    )
+    warmup = max(optim.warmup_steps, 0)
+
+    def schedule(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+    policy_scheduler = torch.optim.lr_scheduler.LambdaLR(policy_optimizer, schedule)
+    critic_optimizer = critic_scheduler = None
+    if critic is not None:
+        critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=optim.critic_lr)
+        critic_scheduler = torch.optim.lr_scheduler.LambdaLR(critic_optimizer, schedule)
+    kl_controller: FixedKLController | AdaptiveKLController | None = None
+    if needs_reference:
+        kl_controller = (
+            AdaptiveKLController(preset.kl_coef, optim.adaptive_kl_target, horizon=10_000)
+            if optim.adaptive_kl_target
+            else FixedKLController(preset.kl_coef)
+        )
+    state = TrainState(
+        config=cfg,
+        preset=preset,
+        policy=policy,
+        tokenizer=tokenizer,
+        engine=HFRolloutEngine(policy, tokenizer),
+        reward_fns=resolve_rewards(task),
+        policy_optimizer=policy_optimizer,
+        policy_scheduler=policy_scheduler,
+        reference=reference,
+        critic=critic,
+        critic_optimizer=critic_optimizer,
+        critic_scheduler=critic_scheduler,
+        kl_controller=kl_controller,
+    )
+    state.extra["max_new_tokens"] = task.max_new_tokens
+    return state

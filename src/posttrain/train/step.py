@@ -1,0 +1,313 @@
+"""One RL training step, top to bottom, as in the papers' pseudo-code.
+
+    rollout -> rewards -> (old, reference log-probs; values) -> KL-in-reward -> advantages
+            -> epochs x mini-batches of clipped-surrogate updates (+ KL loss, entropy, critic)
+
+The same function runs PPO, GRPO, GSPO and every other preset: the preset only picks names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from posttrain.algorithms.aggregate import aggregate, token_weights
+from posttrain.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty
+from posttrain.algorithms.masked import masked_mean
+from posttrain.algorithms.presets import AlgorithmPreset
+from posttrain.algorithms.registry import ADVANTAGES, POLICY_LOSSES
+from posttrain.algorithms.shaping import dynamic_sampling_keep, overlong_penalty
+from posttrain.algorithms.value import clipped_value_loss, explained_variance
+from posttrain.data.batch import Batch, collate_episodes, mini_batches
+from posttrain.data.trace import Episode, single_turn_trace
+from posttrain.models.forward import token_logprobs
+from posttrain.rewards.functions import score_completions
+from posttrain.rollout.engine import Completion, RolloutEngine, SamplingParams
+from posttrain.train.config import TrainConfig
+
+
+@dataclass
+class TrainState:
+    """Everything a step reads and updates; built once by ``train.setup``."""
+
+    config: TrainConfig
+    preset: AlgorithmPreset
+    policy: torch.nn.Module
+    tokenizer: Any
+    engine: RolloutEngine
+    reward_fns: list[tuple[str, Any, float]]
+    policy_optimizer: torch.optim.Optimizer
+    policy_scheduler: Any
+    reference: Any | None = None
+    critic: torch.nn.Module | None = None
+    critic_optimizer: torch.optim.Optimizer | None = None
+    critic_scheduler: Any | None = None
+    kl_controller: FixedKLController | AdaptiveKLController | None = None
+    step: int = 0
+    data_position: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """The model's chat template when it has one, else the plain prompt text."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def rollout(
+    state: TrainState, rows: Sequence[dict[str, Any]], seed: int
+) -> tuple[list[Episode], list[Completion], dict[str, float]]:
+    """Sample ``group_size`` completions per prompt and score them. Returns one Episode per sample."""
+    cfg = state.config
+    group_size = cfg.rollout.group_size
+    prompt_ids = [encode_prompt(state.tokenizer, row["prompt"]) for row in rows]
+    params = sampling_params(cfg, max_new_tokens=state.extra["max_new_tokens"])
+    repeated = [ids for ids in prompt_ids for _ in range(group_size)]
+    completions = state.engine.generate(repeated, params, seed=seed)
+    samples_rows = [row for row in rows for _ in range(group_size)]
+    prompts = [row["prompt"] for row in samples_rows]
+    rewards, per_fn = score_completions(
+        state.reward_fns, prompts, [c.text for c in completions], list(samples_rows)
+    )
+    episodes = []
+    for index, (completion, reward) in enumerate(zip(completions, rewards, strict=True)):
+        trace = single_turn_trace(
+            completion.prompt_ids,
+            completion.completion_ids,
+            completion.logprobs,
+            episode_id=index,
+            group_id=index // group_size,
+            ended=completion.finish_reason == "stop",
+        )
+        episodes.append(Episode(traces=[trace], reward=float(reward), info={"per_fn": {}}))
+    first_fn = state.reward_fns[0][0]
+    metrics = {
+        "reward_mean": float(torch.tensor(rewards).mean()),
+        "reward_std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
+        "accuracy": float(torch.tensor([s >= 1.0 for s in per_fn[first_fn]], dtype=torch.float).mean()),
+        "response_length": float(torch.tensor([len(c.completion_ids) for c in completions]).float().mean()),
+        "truncated_fraction": float(torch.tensor([c.finish_reason == "length" for c in completions]).float().mean()),
+    }
+    for name, scores in per_fn.items():
+        metrics[f"reward/{name}"] = float(torch.tensor(scores).mean())
+    state.extra["last_samples"] = [
+        {"prompt": p, "completion": c.text, "reward": r, "answer": row.get("answer")}
+        for p, c, r, row in zip(prompts, completions, rewards, samples_rows, strict=True)
+    ]
+    return episodes, completions, metrics
+
+
+def sampling_params(cfg: TrainConfig, *, max_new_tokens: int) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+    )
+
+
+def shape_rewards(state: TrainState, episodes: list[Episode]) -> tuple[list[Episode], dict[str, float]]:
+    """DAPO overlong shaping and dynamic sampling, when the preset asks for them."""
+    metrics: dict[str, float] = {}
+    if state.preset.overlong_shaping:
+        lengths = torch.tensor([float(e.traces[-1].num_actions) for e in episodes])
+        penalty = overlong_penalty(
+            lengths,
+            max_length=state.extra["max_new_tokens"],
+            buffer_length=min(state.config.optim.overlong_buffer, state.extra["max_new_tokens"]),
+        )
+        for episode, p in zip(episodes, penalty.tolist(), strict=True):
+            episode.reward += p
+        metrics["overlong_penalty"] = float(penalty.mean())
+    scores = torch.tensor([e.reward for e in episodes])
+    group_ids = torch.tensor([e.group_id for e in episodes])
+    keep = dynamic_sampling_keep(scores, group_ids)
+    metrics["zero_variance_groups"] = 1.0 - float(keep.float().mean())
+    if state.preset.dynamic_sampling and bool(keep.any()):
+        episodes = [e for e, k in zip(episodes, keep.tolist(), strict=True) if k]
+    return episodes, metrics
+
+
+@torch.no_grad()
+def fill_old_ref_values(state: TrainState, batch: Batch, temperature: float) -> dict[str, float]:
+    """old_logprobs (policy before the update), ref_logprobs (for KL) and values (critic)."""
+    micro = state.config.optim.micro_batch_size
+    old, ref, values, entropy = [], [], [], []
+    for rows in torch.arange(len(batch)).split(micro):
+        part = batch.select(rows)
+        width = batch.input_ids.shape[1]
+        logp, ent = token_logprobs(
+            state.policy, part.input_ids, part.attention_mask, temperature=temperature, with_entropy=True
+        )
+        old.append(_pad_to(logp, width))
+        entropy.append(_pad_to(ent if ent is not None else torch.zeros_like(logp), width))
+        if state.reference is not None:
+            ref_logp = state.reference.logprobs(part.input_ids, part.attention_mask, temperature=temperature)
+            ref.append(_pad_to(ref_logp, width))
+        if state.critic is not None:
+            values.append(_pad_to(state.critic(part.input_ids, part.attention_mask), width))
+    batch.old_logprobs = torch.cat(old)
+    batch.ref_logprobs = torch.cat(ref) if ref else None
+    batch.values = torch.cat(values) * batch.loss_mask if values else None
+    return {"entropy": float(masked_mean(torch.cat(entropy), batch.loss_mask))}
+
+
+def _pad_to(x: Tensor, width: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def compute_advantages(state: TrainState, batch: Batch) -> dict[str, float]:
+    """KL-in-reward (when placed there), then the preset's advantage estimator."""
+    preset = state.preset
+    metrics: dict[str, float] = {}
+    if batch.ref_logprobs is not None and batch.old_logprobs is not None:
+        kl = kl_penalty(batch.old_logprobs, batch.ref_logprobs, preset.kl_estimator) * batch.loss_mask
+        metrics["kl"] = float(masked_mean(kl, batch.loss_mask))
+        if preset.kl_placement == "reward" and state.kl_controller is not None:
+            batch.token_rewards = batch.token_rewards - state.kl_controller.coef * kl
+    batch.advantages, batch.returns = ADVANTAGES.call(
+        preset.advantage, batch.as_dict(), preset.advantage_kwargs
+    )
+    metrics["advantage_mean"] = float(masked_mean(batch.advantages, batch.loss_mask))
+    metrics["advantage_abs"] = float(masked_mean(batch.advantages.abs(), batch.loss_mask))
+    return metrics
+
+
+def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
+    """Epochs x mini-batches of optimizer steps with gradient accumulation over micro-batches."""
+    cfg, preset = state.config, state.preset
+    temperature = max(cfg.rollout.temperature, 1e-6) if cfg.rollout.temperature > 0 else 1.0
+    train_policy = state.step >= cfg.optim.critic_warmup_steps or state.critic is None
+    kl_in_loss = preset.kl_placement == "loss" and batch.ref_logprobs is not None
+    generator = torch.Generator().manual_seed(step_seed)
+    sums: dict[str, float] = {}
+    count = 0
+    state.policy.train()
+    for _epoch in range(cfg.optim.epochs):
+        for rows in mini_batches(len(batch), cfg.optim.num_mini_batches, generator):
+            mini = batch.select(rows)
+            mini.loss_weights = token_weights(
+                mini.loss_mask,
+                preset.aggregation,
+                episode_ids=mini.episode_ids,
+                constant=float(state.extra["max_new_tokens"]),
+            )
+            # the critic regresses every token equally, whatever the policy's aggregation
+            mini.value_weights = token_weights(mini.loss_mask, "token-mean")
+            for micro_rows in torch.arange(len(mini)).split(cfg.optim.micro_batch_size):
+                micro = mini.select(micro_rows)
+                metrics = _micro_batch_backward(state, micro, temperature, train_policy, kl_in_loss)
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                count += 1
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + _optimizer_step(state, train_policy)
+    averaged = {key: value / max(count, 1) for key, value in sums.items()}
+    steps = cfg.optim.epochs * max(1, min(cfg.optim.num_mini_batches, len(batch)))
+    averaged["grad_norm"] = sums.get("grad_norm", 0.0) / steps
+    return averaged
+
+
+def _micro_batch_backward(
+    state: TrainState, micro: Batch, temperature: float, train_policy: bool, kl_in_loss: bool
+) -> dict[str, float]:
+    cfg, preset = state.config, state.preset
+    assert micro.loss_weights is not None and micro.advantages is not None
+    metrics: dict[str, float] = {}
+    if train_policy:
+        want_entropy = cfg.optim.entropy_coef > 0
+        logprobs, entropy = token_logprobs(
+            state.policy, micro.input_ids, micro.attention_mask, temperature=temperature, with_entropy=want_entropy
+        )
+        per_token, loss_metrics = POLICY_LOSSES.call(
+            preset.policy_loss,
+            {
+                "logprobs": logprobs,
+                "old_logprobs": micro.old_logprobs,
+                "advantages": micro.advantages,
+                "loss_mask": micro.loss_mask,
+            },
+            preset.loss_kwargs,
+        )
+        loss = aggregate(per_token, micro.loss_weights)
+        metrics.update({k: float(v) for k, v in loss_metrics.items()})
+        metrics["policy_loss"] = float(loss)
+        if kl_in_loss and state.kl_controller is not None:
+            kl = kl_penalty(logprobs, micro.ref_logprobs, preset.kl_estimator) * micro.loss_mask
+            loss = loss + state.kl_controller.coef * aggregate(kl, micro.loss_weights)
+        if want_entropy and entropy is not None:
+            loss = loss - cfg.optim.entropy_coef * aggregate(entropy, micro.loss_weights)
+        loss.backward()
+    if state.critic is not None:
+        assert micro.values is not None and micro.returns is not None
+        new_values = state.critic(micro.input_ids, micro.attention_mask)
+        per_token_v, v_metrics = clipped_value_loss(
+            new_values, micro.values, micro.returns, micro.loss_mask, cliprange_value=cfg.optim.cliprange_value
+        )
+        v_loss = cfg.optim.vf_coef * aggregate(per_token_v, micro.value_weights)
+        v_loss.backward()
+        metrics["value_loss"] = float(v_loss) / cfg.optim.vf_coef if cfg.optim.vf_coef else 0.0
+        metrics.update({k: float(v) for k, v in v_metrics.items()})
+    return metrics
+
+
+def _optimizer_step(state: TrainState, train_policy: bool) -> float:
+    max_norm = state.config.optim.max_grad_norm
+    grad_norm = 0.0
+    if train_policy:
+        params = [p for p in state.policy.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        state.policy_optimizer.step()
+    state.policy_optimizer.zero_grad(set_to_none=True)
+    if state.critic is not None and state.critic_optimizer is not None:
+        torch.nn.utils.clip_grad_norm_(state.critic.parameters(), max_norm)
+        state.critic_optimizer.step()
+        state.critic_optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """One step of RL on ``rows`` (prompts). Returns the step's metrics."""
+    cfg = state.config
+    seed = cfg.run.seed * 1_000_003 + state.step
+    t0 = time.perf_counter()
+    state.policy.eval()
+    episodes, completions, metrics = rollout(state, rows, seed)
+    t1 = time.perf_counter()
+    episodes, shaping_metrics = shape_rewards(state, episodes)
+    metrics.update(shaping_metrics)
+    batch = collate_episodes(episodes, state.tokenizer.pad_token_id)
+    temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+    metrics.update(fill_old_ref_values(state, batch, temperature))
+    metrics.update(compute_advantages(state, batch))
+    t2 = time.perf_counter()
+    metrics.update(update(state, batch, seed))
+    t3 = time.perf_counter()
+    for scheduler in (state.policy_scheduler, state.critic_scheduler):
+        if scheduler is not None:
+            scheduler.step()
+    if state.kl_controller is not None and "kl" in metrics:
+        state.kl_controller.update(metrics["kl"], n_steps=len(episodes))
+        metrics["kl_coef"] = state.kl_controller.coef
+    if state.critic is not None and batch.values is not None and batch.returns is not None:
+        metrics["explained_variance"] = float(explained_variance(batch.values, batch.returns, batch.loss_mask))
+    generated = sum(len(c.completion_ids) for c in completions)
+    metrics.update(
+        {
+            "time/generate": t1 - t0,
+            "time/score_and_prepare": t2 - t1,
+            "time/train": t3 - t2,
+            "tokens_per_s": generated / max(t3 - t0, 1e-9),
+            "lr": state.policy_optimizer.param_groups[0]["lr"],
+        }
+    )
+    state.step += 1
+    return metrics

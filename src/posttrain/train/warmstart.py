@@ -1,0 +1,71 @@
+"""Supervised warm-start: teach a fresh tiny model the task's answer format before RL."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.algorithms.masked import masked_mean
+from posttrain.data.tasks import Task
+from posttrain.models.forward import token_logprobs
+from posttrain.models.load import load_policy
+
+
+def supervised_batch(tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``prompt + solution + eos``; the loss mask covers solution and eos only."""
+    from posttrain.train.step import encode_prompt
+
+    sequences, masks = [], []
+    for row in rows:
+        prompt = encode_prompt(tokenizer, row["prompt"])
+        answer = list(tokenizer(row["solution"], add_special_tokens=False)["input_ids"])
+        answer.append(tokenizer.eos_token_id)
+        sequences.append(prompt + answer)
+        masks.append([0] * len(prompt) + [1] * len(answer))
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width))
+    for i, (seq, mask) in enumerate(zip(sequences, masks, strict=True)):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention_mask[i, : len(seq)] = 1
+        loss_mask[i, : len(seq)] = torch.tensor(mask, dtype=torch.float32)
+    return input_ids, attention_mask, loss_mask
+
+
+def warm_start(base_path: Path, out_dir: Path, task: Task, settings: Any, *, seed: int) -> Path:
+    """Fine-tune ``base_path`` on ``task.train`` solutions for ``settings.steps`` steps (cached)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    torch.manual_seed(seed)
+    model, tokenizer = load_policy(base_path)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
+    rng = random.Random(seed)
+    rows = list(task.train)
+    for step in range(settings.steps):
+        batch_rows = rng.sample(rows, min(settings.batch_size, len(rows)))
+        input_ids, attention_mask, loss_mask = supervised_batch(tokenizer, batch_rows)
+        logprobs, _ = token_logprobs(model, input_ids, attention_mask)
+        loss = -masked_mean(logprobs, loss_mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        # cosine decay keeps the short stage stable
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * 0.5 * (1 + torch.cos(torch.tensor(step / settings.steps * 3.14159)).item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-warm-", dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
