@@ -80,9 +80,10 @@ def test_seq_mean_token_sum_norm_requires_constant() -> None:
         token_weights(MASK, "seq-mean-token-sum-norm")
 
 
-def test_constant_rejected_by_modes_without_it() -> None:
-    with pytest.raises(TypeError, match="constant"):
-        token_weights(MASK, "token-mean", constant=4.0)
+def test_arguments_a_mode_does_not_use_are_ignored() -> None:
+    # the trainer passes the run's constant and episode ids whatever the mode
+    weights = token_weights(MASK, "token-mean", constant=4.0, episode_ids=torch.tensor([0, 0, 1]))
+    torch.testing.assert_close(weights, MASK / 5.0)
 
 
 def test_unknown_mode_is_an_error() -> None:

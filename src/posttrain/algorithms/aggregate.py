@@ -159,18 +159,18 @@ def token_weights(
     """Aggregation weights ``[batch, time]`` for the whole optimizer-step batch, 0 where masked.
 
     ``mode`` names a function of ``AGGREGATIONS``. ``num_*`` replace the counts taken from this
-    batch (pass all-reduced counts under data parallel). ``constant`` is a hyper-parameter and is
-    an error for modes that do not use it; batch fields a mode does not use are ignored.
+    batch (pass all-reduced counts under data parallel). Each mode receives only the arguments it
+    names, so a caller may always pass ``episode_ids`` and ``constant`` whatever the mode.
     """
     fields = {
         "loss_mask": loss_mask,
         "episode_ids": episode_ids,
+        "constant": constant,
         "num_tokens": num_tokens,
         "num_sequences": num_sequences,
         "num_episodes": num_episodes,
     }
-    hparams = {} if constant is None else {"constant": constant}
-    weights: Tensor = AGGREGATIONS.call(mode, {k: v for k, v in fields.items() if v is not None}, hparams)
+    weights: Tensor = AGGREGATIONS.call(mode, {k: v for k, v in fields.items() if v is not None})
     return weights
 
 
