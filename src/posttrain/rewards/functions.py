@@ -1,0 +1,306 @@
+"""Reward functions: resolving them by name or import path, and scoring completions with them.
+
+A reward function is a plain callable ``fn(prompt: str, completion: str, **row) -> float`` where
+``row`` holds the dataset row's other fields (``answer``, ``nums``, ...; never ``prompt``). A function
+with the attribute ``batched = True`` is instead called once per batch as
+``fn(prompts, completions, rows) -> list[float]`` (useful for a reward model or a judge).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import math
+import numbers
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.rewards.verifiers import arithmetic_exact, countdown, format_answer_tag, math_verify
+
+__all__ = [
+    "BUILTIN_REWARDS",
+    "RewardFn",
+    "RewardFunctionError",
+    "RewardSpec",
+    "RewardSpecError",
+    "resolve_reward_fn",
+    "resolve_reward_specs",
+    "score_completions",
+]
+
+RewardFn = Callable[..., Any]
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "arithmetic_exact": arithmetic_exact,
+    "countdown": countdown,
+    "math_verify": math_verify,
+    "format_answer_tag": format_answer_tag,
+}
+
+# Row keys that are passed positionally and so must not be repeated as keyword arguments.
+_POSITIONAL_KEYS = ("prompt", "completion")
+
+
+class RewardSpecError(ValueError):
+    """A reward function given by name or import path could not be resolved."""
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised, or returned something that is not a finite number."""
+
+    def __init__(self, message: str, *, function_name: str, sample_index: int | None) -> None:
+        super().__init__(message)
+        self.function_name = function_name
+        self.sample_index = sample_index
+
+
+@dataclass
+class RewardSpec:
+    """One reward term: a built-in name, an import path (``"pkg.mod:fn"``, ``"path/file.py:fn"``)
+    or a callable, and its weight in the weighted sum."""
+
+    fn: str | Callable[..., Any]
+    weight: float = 1.0
+
+
+_SPEC_HELP = (
+    "give a built-in name ({builtins}), an import path 'package.module:function', "
+    "or a file path 'path/to/file.py:function'"
+)
+
+
+def _spec_help() -> str:
+    return _SPEC_HELP.format(builtins=", ".join(sorted(BUILTIN_REWARDS)))
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__name__", None)
+    if name is None:  # functools.partial, callable instances
+        inner = getattr(fn, "func", None)
+        name = getattr(inner, "__name__", None) or type(fn).__name__
+    return str(name)
+
+
+def _import_file(path_text: str, spec: str) -> Any:
+    """Import a .py file as a module under a stable private name (so it can be pickled by name)."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise RewardSpecError(
+            f"reward function {spec!r}: file {str(path)!r} does not exist; "
+            "give an existing .py file as 'path/to/file.py:function' (relative to the working directory)"
+        )
+    resolved = path.resolve()
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
+    module_name = f"_posttrain_reward_{resolved.stem}_{digest}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    module_spec = importlib.util.spec_from_file_location(module_name, resolved)
+    if module_spec is None or module_spec.loader is None:
+        raise RewardSpecError(f"reward function {spec!r}: cannot load {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[module_name]
+        raise RewardSpecError(
+            f"reward function {spec!r}: importing {str(path)!r} failed with {type(error).__name__}: {error}"
+        ) from error
+    return module
+
+
+def _import_module(module_name: str, spec: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise RewardSpecError(
+            f"reward function {spec!r}: cannot import module {module_name!r} ({error}); "
+            "install it or put its folder on PYTHONPATH, or give a file path 'path/to/file.py:function'"
+        ) from error
+    except Exception as error:
+        raise RewardSpecError(
+            f"reward function {spec!r}: importing module {module_name!r} failed with "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
+def resolve_reward_fn(spec: str | Callable[..., Any]) -> tuple[str, Callable[..., Any]]:
+    """Turn a reward spec into ``(name, callable)``.
+
+    A callable passes through (name = its ``__name__``); a string is a key of ``BUILTIN_REWARDS``,
+    ``"package.module:function"`` or ``"path/to/file.py:function"`` (name = the function's name).
+    """
+    if callable(spec):
+        return _callable_name(spec), spec
+    if not isinstance(spec, str):
+        raise RewardSpecError(f"reward function must be a string or a callable, got {type(spec).__name__}")
+    text = spec.strip()
+    if text in BUILTIN_REWARDS:
+        return text, BUILTIN_REWARDS[text]
+    if ":" not in text:
+        raise RewardSpecError(f"unknown reward function {spec!r}: {_spec_help()}")
+    module_part, _, attribute = text.rpartition(":")
+    if not module_part or not attribute:
+        raise RewardSpecError(f"reward function {spec!r} is malformed: {_spec_help()}")
+    is_file = module_part.endswith(".py") or "/" in module_part or "\\" in module_part
+    module = _import_file(module_part, spec) if is_file else _import_module(module_part, spec)
+    if not hasattr(module, attribute):
+        available = sorted(
+            name
+            for name, value in vars(module).items()
+            if callable(value)
+            and not name.startswith("_")
+            and getattr(value, "__module__", None) == module.__name__
+        )
+        raise RewardSpecError(
+            f"reward function {spec!r}: {module_part!r} has no attribute {attribute!r}; "
+            f"callables defined there: {available}"
+        )
+    fn = getattr(module, attribute)
+    if not callable(fn):
+        raise RewardSpecError(
+            f"reward function {spec!r}: {attribute!r} is a {type(fn).__name__}, not callable; "
+            "point the spec at a function (prompt, completion, **row) -> float"
+        )
+    return attribute, fn
+
+
+def resolve_reward_specs(
+    specs: Sequence[RewardSpec | str | Callable[..., Any]],
+) -> list[tuple[str, Callable[..., Any], float]]:
+    """Resolve specs into the ``(name, fn, weight)`` list that ``score_completions`` takes.
+
+    Bare strings and callables get weight 1.0; repeated names get suffixes ``_2``, ``_3``, ... so
+    every term keeps its own per-function metric.
+    """
+    resolved: list[tuple[str, Callable[..., Any], float]] = []
+    seen: dict[str, int] = {}
+    for spec in specs:
+        reward_spec = spec if isinstance(spec, RewardSpec) else RewardSpec(spec)
+        name, fn = resolve_reward_fn(reward_spec.fn)
+        weight = float(reward_spec.weight)
+        if not math.isfinite(weight):
+            raise RewardSpecError(f"reward function {name!r}: weight must be a finite number, got {weight}")
+        seen[name] = seen.get(name, 0) + 1
+        resolved.append((name if seen[name] == 1 else f"{name}_{seen[name]}", fn, weight))
+    return resolved
+
+
+def _as_score(value: Any, name: str, index: int) -> float:
+    """Validate one reward value: a finite real number; bool counts as 0/1; 0-d arrays are unwrapped."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, numbers.Real):
+        score = float(value)
+        if not math.isfinite(score):
+            raise RewardFunctionError(
+                f"reward function {name!r} returned {score} for sample {index}; "
+                "rewards must be finite numbers (guard divisions and logs in the function)",
+                function_name=name,
+                sample_index=index,
+            )
+        return score
+    raise RewardFunctionError(
+        f"reward function {name!r} returned a {type(value).__name__} ({value!r:.80}) for sample {index}; "
+        "it must return a float (or int/bool)",
+        function_name=name,
+        sample_index=index,
+    )
+
+
+def _row_kwargs(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in row.items() if key not in _POSITIONAL_KEYS}
+
+
+def _score_per_sample(
+    name: str,
+    fn: Callable[..., Any],
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    rows: Sequence[dict],
+) -> list[float]:
+    scores = []
+    for index, (prompt, completion, row) in enumerate(zip(prompts, completions, rows)):
+        try:
+            value = fn(prompt, completion, **_row_kwargs(row))
+        except Exception as error:
+            raise RewardFunctionError(
+                f"reward function {name!r} raised {type(error).__name__}: {error} on sample {index} "
+                f"(prompt {prompt[:80]!r})",
+                function_name=name,
+                sample_index=index,
+            ) from error
+        scores.append(_as_score(value, name, index))
+    return scores
+
+
+def _score_batched(
+    name: str,
+    fn: Callable[..., Any],
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    rows: Sequence[dict],
+) -> list[float]:
+    try:
+        values = fn(list(prompts), list(completions), list(rows))
+    except Exception as error:
+        raise RewardFunctionError(
+            f"batched reward function {name!r} raised {type(error).__name__}: {error}",
+            function_name=name,
+            sample_index=None,
+        ) from error
+    if isinstance(values, str | bytes) or not hasattr(values, "__len__"):
+        raise RewardFunctionError(
+            f"batched reward function {name!r} returned a {type(values).__name__}; "
+            f"it must return a list of {len(prompts)} floats",
+            function_name=name,
+            sample_index=None,
+        )
+    if len(values) != len(prompts):
+        raise RewardFunctionError(
+            f"batched reward function {name!r} returned {len(values)} scores: expected {len(prompts)} "
+            f"(one per completion), got {len(values)}",
+            function_name=name,
+            sample_index=None,
+        )
+    return [_as_score(value, name, index) for index, value in enumerate(values)]
+
+
+def score_completions(
+    reward_fns: list[tuple[str, Callable[..., Any], float]],
+    prompts: list[str],
+    completions: list[str],
+    rows: list[dict],
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Score every completion: ``total[i] = sum_k weight_k * fn_k(prompts[i], completions[i], **rows[i])``.
+
+    Returns the weighted totals ``[N]`` and the raw (unweighted) scores of each function by name.
+    Raises ``RewardFunctionError`` when a function raises or returns a non-finite or non-numeric
+    value (the message names the function and the sample index), and ``ValueError`` on mismatched
+    input lengths or duplicate names.
+    """
+    count = len(prompts)
+    if len(completions) != count or len(rows) != count:
+        raise ValueError(
+            f"score_completions needs one prompt, completion and row per sample: got {count} prompts, "
+            f"{len(completions)} completions and {len(rows)} rows"
+        )
+    if not reward_fns:
+        raise ValueError("score_completions needs at least one reward function")
+    names = [name for name, _, _ in reward_fns]
+    if len(set(names)) != len(names):
+        raise ValueError(f"reward function names must be distinct, got {names}; use resolve_reward_specs")
+    totals = [0.0] * count
+    per_function: dict[str, list[float]] = {}
+    for name, fn, weight in reward_fns:
+        scorer = _score_batched if getattr(fn, "batched", False) is True else _score_per_sample
+        scores = scorer(name, fn, prompts, completions, rows)
+        per_function[name] = scores
+        totals = [total + weight * score for total, score in zip(totals, scores)]
+    return totals, per_function
