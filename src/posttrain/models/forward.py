@@ -1,0 +1,112 @@
+"""Per-token log-probabilities (and entropies) of a causal LM, aligned to token positions.
+
+Alignment (docs/interfaces.md): ``logprobs[b, t] = log pi(tokens[b, t] | tokens[b, :t])``; the
+value is 0 at ``t = 0``, at padding, and at the first real token of a left-padded row (it has no
+context either). Position ids are rebuilt from the attention mask, so a row gives the same
+per-token values whether the batch is left- or right-padded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position of each token counted over real tokens only: ``cumsum(mask) - 1`` clamped at 0.
+
+    ``attention_mask``: ``[batch, time]`` (1 = real token). Returns int64 ``[batch, time]``; the
+    first real token of every row has position 0 whatever the padding side.
+    """
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def predicted_token_mask(attention_mask: Tensor) -> Tensor:
+    """1 where token t is real and was predicted from a real token t-1, else 0.
+
+    ``attention_mask``: ``[batch, time]``. Returns bool ``[batch, time]``; column 0 is always False.
+    These are the positions where a next-token distribution exists, so logprobs, entropies and
+    values are defined there and 0 elsewhere.
+    """
+    real = attention_mask.bool()
+    predicted = torch.zeros_like(real)
+    predicted[:, 1:] = real[:, 1:] & real[:, :-1]
+    return predicted
+
+
+def shift_to_tokens(per_prediction: Tensor, attention_mask: Tensor) -> Tensor:
+    """Move a ``[batch, time-1]`` quantity computed from positions ``0..T-2`` to the token it predicts.
+
+    Output ``[batch, time]``: ``out[:, t] = per_prediction[:, t-1]`` where ``predicted_token_mask`` is
+    set, 0 elsewhere (``torch.where`` so a non-finite value at padding cannot leak through).
+    """
+    shifted = torch.zeros(
+        per_prediction.shape[0],
+        per_prediction.shape[1] + 1,
+        dtype=per_prediction.dtype,
+        device=per_prediction.device,
+    )
+    shifted[:, 1:] = per_prediction
+    return torch.where(predicted_token_mask(attention_mask), shifted, torch.zeros_like(shifted))
+
+
+def causal_lm_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Logits ``[batch, time, vocab]`` of a HF causal LM with position ids taken from the mask."""
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return outputs.logits
+
+
+def logprobs_from_logits(
+    logits: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Aligned token logprobs (and entropies) from logits.
+
+    ``logits``: ``[batch, time, vocab]``; ``input_ids``, ``attention_mask``: ``[batch, time]``.
+    With ``z = logits[:, t-1] / temperature``:
+    ``logprobs[:, t] = z[input_ids[:, t]] - logsumexp(z)`` and
+    ``entropy[:, t] = logsumexp(z) - sum_v softmax(z)_v z_v``. Both float32 ``[batch, time]``.
+    The gather - logsumexp form avoids keeping a full ``log_softmax`` tensor for the logprobs.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
+    scaled = logits[:, :-1].float() / temperature
+    log_normaliser = torch.logsumexp(scaled, dim=-1)
+    chosen = scaled.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    logprobs = shift_to_tokens(chosen - log_normaliser, attention_mask)
+    if not with_entropy:
+        return logprobs, None
+    expected_logit = (torch.softmax(scaled, dim=-1) * scaled).sum(dim=-1)
+    entropy = shift_to_tokens(log_normaliser - expected_logit, attention_mask)
+    return logprobs, entropy
+
+
+def token_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token log pi(token_t | tokens_<t) of ``model`` (and optionally the entropy of that distribution).
+
+    ``input_ids``, ``attention_mask``: ``[batch, time]`` (left or right padding). Returns float32
+    ``(logprobs [batch, time], entropy [batch, time] | None)``, 0 at t = 0 and at padding.
+    Gradients flow to the model; wrap in ``torch.no_grad()`` for behaviour / reference passes.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
+    logits = causal_lm_logits(model, input_ids, attention_mask)
+    return logprobs_from_logits(
+        logits, input_ids, attention_mask, temperature=temperature, with_entropy=with_entropy
+    )

@@ -1,0 +1,129 @@
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM
+
+from posttrain.models.forward import (
+    position_ids_from_mask,
+    predicted_token_mask,
+    shift_to_tokens,
+    token_logprobs,
+)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def pad(rows: list[list[int]], *, left: bool, pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def test_hand_check_against_explicit_log_softmax(model: nn.Module) -> None:
+    ids = torch.tensor([[5, 9, 12, 7]])
+    mask = torch.ones_like(ids)
+    temperature = 0.7
+    logprobs, entropy = token_logprobs(model, ids, mask, temperature=temperature, with_entropy=True)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0] / temperature
+    log_p = torch.log_softmax(logits, dim=-1)
+    expected = [0.0] + [log_p[t - 1, ids[0, t]].item() for t in range(1, 4)]
+    expected_entropy = [0.0] + [-(log_p[t - 1].exp() * log_p[t - 1]).sum().item() for t in range(1, 4)]
+    assert logprobs.shape == entropy.shape == (1, 4)
+    torch.testing.assert_close(logprobs[0], torch.tensor(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy[0], torch.tensor(expected_entropy), atol=1e-5, rtol=0)
+
+
+def test_left_and_right_padding_give_identical_per_token_values(model: nn.Module) -> None:
+    rows = [[4, 8, 15, 16, 23, 42], [7, 3], [11, 12, 13, 14]]
+    left_ids, left_mask = pad(rows, left=True)
+    right_ids, right_mask = pad(rows, left=False)
+    with torch.no_grad():
+        left_lp, left_ent = token_logprobs(model, left_ids, left_mask, with_entropy=True)
+        right_lp, right_ent = token_logprobs(model, right_ids, right_mask, with_entropy=True)
+    width = left_ids.shape[1]
+    for i, row in enumerate(rows):
+        alone, _ = token_logprobs(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))
+        left_part = left_lp[i, width - len(row) :]
+        torch.testing.assert_close(left_part, right_lp[i, : len(row)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(left_part, alone[0].detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            left_ent[i, width - len(row) :], right_ent[i, : len(row)], atol=1e-5, rtol=0
+        )
+        assert left_part[0] == 0 and (left_part[1:] < 0).all()
+    # Padding contributes exactly zero.
+    assert (left_lp[left_mask == 0] == 0).all() and (right_lp[right_mask == 0] == 0).all()
+    assert (right_ent[right_mask == 0] == 0).all()
+
+
+class UniformLM(nn.Module):
+    """Stand-in causal LM whose logits are all equal, so every distribution is uniform."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids: Tensor, **kwargs: object) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.anchor + torch.zeros(*input_ids.shape, self.vocab_size))
+
+
+def test_uniform_distribution_gives_minus_log_v_and_entropy_log_v() -> None:
+    ids, mask = pad([[1, 2, 3], [4, 5]], left=False)
+    logprobs, entropy = token_logprobs(UniformLM(10), ids, mask, temperature=2.0, with_entropy=True)
+    assert entropy is not None
+    expected_mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    torch.testing.assert_close(logprobs, -math.log(10) * expected_mask)
+    torch.testing.assert_close(entropy, math.log(10) * expected_mask)
+
+
+def test_entropy_is_none_unless_asked_and_gradients_flow(model: nn.Module) -> None:
+    ids = torch.tensor([[5, 9, 12, 7]])
+    logprobs, entropy = token_logprobs(model, ids, torch.ones_like(ids))
+    assert entropy is None
+    logprobs.sum().backward()
+    grad = model.model.embed_tokens.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_temperature_must_be_positive(model: nn.Module) -> None:
+    ids = torch.tensor([[5, 9]])
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(model, ids, torch.ones_like(ids), temperature=0.0)
+
+
+def test_shift_to_tokens_masks_non_finite_padding_values() -> None:
+    # Column 0 was computed at a padding position (left padding): its NaN must not reach token 1.
+    per_prediction = torch.tensor([[float("nan"), 2.0, 3.0]])
+    mask = torch.tensor([[0, 1, 1, 1]])
+    assert torch.equal(shift_to_tokens(per_prediction, mask), torch.tensor([[0.0, 0.0, 2.0, 3.0]]))
+
+
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=4),
+    left=st.booleans(),
+)
+def test_positions_count_real_tokens_from_zero(lengths: list[int], left: bool) -> None:
+    _, mask = pad([[1] * n for n in lengths], left=left)
+    positions = position_ids_from_mask(mask)
+    predicted = predicted_token_mask(mask)
+    for i, n in enumerate(lengths):
+        assert positions[i][mask[i] == 1].tolist() == list(range(n))
+        assert int(predicted[i].sum()) == n - 1
+        assert not predicted[i, 0]
+    assert (positions >= 0).all()

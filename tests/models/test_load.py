@@ -1,0 +1,117 @@
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain.models.forward import token_logprobs
+from posttrain.models.load import LoraSettings, ReferencePolicy, ensure_pad_token, load_policy, save_policy
+
+IDS = torch.tensor([[5, 9, 12, 7, 20, 3], [8, 6, 11, 2, 0, 0]])
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+
+
+def policy_step(model: torch.nn.Module) -> None:
+    """One optimizer step that raises the logprob of IDS (so trainable weights surely move)."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    logprobs, _ = token_logprobs(model, IDS, MASK)
+    (-logprobs.sum()).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def test_pad_token_fix_warns_and_reuses_eos(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = None
+    with pytest.warns(UserWarning, match=r"no pad token.*tokenizer\.pad_token"):
+        fixed = ensure_pad_token(tokenizer)
+    assert fixed.pad_token == "</s>" and fixed.pad_token_id == fixed.eos_token_id
+
+
+def test_pad_token_left_alone_when_present(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ensure_pad_token(tokenizer).pad_token == "<pad>"
+
+
+def test_no_pad_and_no_eos_is_an_error(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = None
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="neither a pad token nor an EOS"):
+        ensure_pad_token(tokenizer)
+
+
+def test_full_policy_all_trainable_reference_is_frozen_copy(tiny_model_dir: Path) -> None:
+    policy, tokenizer = load_policy(tiny_model_dir)
+    assert tokenizer.pad_token_id is not None
+    assert all(p.requires_grad for p in policy.parameters())
+    reference = ReferencePolicy.create(tiny_model_dir, policy)
+    assert reference.model is not policy
+    assert not any(p.requires_grad for p in reference.model.parameters())
+    before = reference.logprobs(IDS, MASK)
+    policy.train()
+    policy_step(policy)
+    assert policy.training
+    torch.testing.assert_close(reference.logprobs(IDS, MASK), before, atol=0, rtol=0)
+    with torch.no_grad():
+        after, _ = token_logprobs(policy.eval(), IDS, MASK)
+    assert not torch.allclose(after, before, atol=1e-4)
+
+
+def test_lora_only_adapters_train_and_reference_is_the_base(tiny_model_dir: Path) -> None:
+    policy, _ = load_policy(tiny_model_dir, lora=LoraSettings(r=4, alpha=8))
+    assert isinstance(policy, PeftModel)
+    trainable = [name for name, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any("q_proj" in name for name in trainable) and any("o_proj" in name for name in trainable)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        base_logprobs, _ = token_logprobs(base, IDS, MASK, temperature=0.8)
+    reference = ReferencePolicy.create(tiny_model_dir, policy)
+    assert reference.model is policy  # no second copy
+    torch.testing.assert_close(
+        reference.logprobs(IDS, MASK, temperature=0.8), base_logprobs, atol=1e-6, rtol=0
+    )
+
+    policy.train()
+    policy_step(policy)
+    assert policy.training
+    torch.testing.assert_close(
+        reference.logprobs(IDS, MASK, temperature=0.8), base_logprobs, atol=1e-6, rtol=0
+    )
+    assert policy.training  # reference pass restored the mode
+    with torch.no_grad():
+        policy_logprobs, _ = token_logprobs(policy, IDS, MASK, temperature=0.8)
+    assert not torch.allclose(policy_logprobs, base_logprobs, atol=1e-4)
+
+
+def test_merged_lora_save_loads_with_plain_transformers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    policy, tokenizer = load_policy(tiny_model_dir, lora=LoraSettings(r=4, alpha=8))
+    policy_step(policy)
+    policy.eval()
+    save_policy(policy, tokenizer, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "adapter_config.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert not isinstance(loaded, PeftModel)
+    with torch.no_grad():
+        expected = policy(input_ids=IDS, attention_mask=MASK).logits
+        got = loaded(input_ids=IDS, attention_mask=MASK).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # The policy being trained keeps its adapters.
+    assert isinstance(policy, PeftModel)
+    assert any("lora_" in name for name, p in policy.named_parameters() if p.requires_grad)
+    assert AutoTokenizer.from_pretrained(tmp_path / "ckpt").decode([tokenizer.eos_token_id]) == "</s>"
+
+
+def test_full_policy_save_round_trip(tiny_model_dir: Path, tmp_path: Path) -> None:
+    policy, tokenizer = load_policy(tiny_model_dir)
+    policy_step(policy)
+    save_policy(policy, tokenizer, tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    for (name, expected), (_, got) in zip(policy.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(got, expected), name
