@@ -1,0 +1,202 @@
+"""User datasets from JSONL / JSON / Parquet / CSV files and saved dataset folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from posttrain.data.datasets import SUPPORTED_EXTENSIONS, load_rows, task_from_rows
+from posttrain.data.tasks import Task
+from posttrain.rewards.functions import RewardSpec, RewardSpecError, resolve_reward_specs, score_completions
+
+ROWS = [
+    {"question": "2+3=", "answer": "5", "level": 1},
+    {"question": "7-9=", "answer": "-2", "level": 2},
+    {"question": "4+4=", "answer": "8", "level": 1},
+]
+EXPECTED = [{"prompt": r["question"], "answer": r["answer"], "level": r["level"]} for r in ROWS]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _write_json_array(path: Path, rows: list[dict]) -> Path:
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("user_data")
+    saved_dataset = folder / "saved_dataset"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(saved_dataset))
+    saved_dict = folder / "saved_dict"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:2]), "test": datasets.Dataset.from_list(ROWS[2:])}
+    ).save_to_disk(str(saved_dict))
+    return {
+        "jsonl": _write_jsonl(folder / "rows.jsonl", ROWS),
+        "json": _write_json_array(folder / "rows.json", ROWS),
+        "csv": _write_csv(folder / "rows.csv", ROWS),
+        "parquet": _write_parquet(folder / "rows.parquet", ROWS),
+        "saved_dataset": saved_dataset,
+        "saved_dict": saved_dict,
+    }
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "saved_dataset"])
+def test_each_format_loads_the_same_rows(files: dict[str, Path], kind: str) -> None:
+    assert load_rows(files[kind], prompt_field="question") == EXPECTED
+
+
+def test_csv_loads_with_inferred_types(files: dict[str, Path]) -> None:
+    rows = load_rows(files["csv"], prompt_field="question")
+    assert [row["prompt"] for row in rows] == ["2+3=", "7-9=", "4+4="]
+    # CSV has no types: numeric-looking answers come back as numbers, which the verifiers accept.
+    assert [int(row["answer"]) for row in rows] == [5, -2, 8]
+
+
+def test_dataset_dict_split_is_selected(files: dict[str, Path]) -> None:
+    assert load_rows(files["saved_dict"], prompt_field="question") == EXPECTED[:2]
+    assert load_rows(files["saved_dict"], split="test", prompt_field="question") == EXPECTED[2:]
+
+
+def test_missing_split_lists_available(files: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match=r"split 'validation' not found.*\['test', 'train'\]"):
+        load_rows(files["saved_dict"], split="validation", prompt_field="question")
+
+
+def test_prompt_column_named_prompt_needs_no_setting(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    assert load_rows(path) == [{"prompt": "1+1=", "answer": "2"}]
+
+
+def test_limit_keeps_the_first_rows(files: dict[str, Path]) -> None:
+    assert load_rows(files["jsonl"], prompt_field="question", limit=2) == EXPECTED[:2]
+    assert load_rows(files["jsonl"], prompt_field="question", limit=0) == []
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"dataset not found: .*nowhere\.jsonl"):
+        load_rows(tmp_path / "nowhere.jsonl")
+
+
+def test_unsupported_extension_names_supported_ones(tmp_path: Path) -> None:
+    path = tmp_path / "rows.xlsx"
+    path.write_text("not really a spreadsheet")
+    with pytest.raises(
+        ValueError, match=r"unsupported dataset file .*rows\.xlsx.*'\.csv', '\.json', '\.jsonl'"
+    ):
+        load_rows(path)
+    assert set(SUPPORTED_EXTENSIONS) == {".jsonl", ".json", ".parquet", ".csv"}
+
+
+def test_folder_that_is_not_a_saved_dataset(tmp_path: Path) -> None:
+    (tmp_path / "random_folder").mkdir()
+    with pytest.raises(ValueError, match=r"not a saved dataset.*save_to_disk"):
+        load_rows(tmp_path / "random_folder")
+
+
+def test_unreadable_file_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"prompt": "ok"}\n{this is not json\n')
+    with pytest.raises(ValueError, match=r"could not read .*broken\.jsonl' as json: .*JSON parse error"):
+        load_rows(path)
+
+
+def test_missing_prompt_field_names_field_columns_and_config_key(files: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match=r"prompt field 'prompt' not found") as caught:
+        load_rows(files["parquet"])
+    message = str(caught.value)
+    assert "['question', 'answer', 'level']" in message
+    assert "data.prompt_field" in message
+
+
+def test_conflicting_prompt_columns_are_an_error(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "both.jsonl", [{"prompt": "a", "question": "b"}])
+    with pytest.raises(ValueError, match=r"both 'question'.*and a 'prompt' column.*data.prompt_field"):
+        load_rows(path, prompt_field="question")
+
+
+@pytest.mark.parametrize(
+    ("bad_prompt", "message"),
+    [("", "row 1 .*is empty"), ("   ", "row 1 .*is empty"), (None, "row 1 .*NoneType, not a string")],
+)
+def test_bad_prompt_names_the_row(tmp_path: Path, bad_prompt: object, message: str) -> None:
+    rows = [{"prompt": "fine", "answer": "1"}, {"prompt": bad_prompt, "answer": "2"}]
+    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ValueError, match=message):
+        load_rows(path)
+
+
+def test_non_string_prompt_names_the_row(tmp_path: Path) -> None:
+    path = _write_parquet(tmp_path / "ints.parquet", [{"prompt": 1}, {"prompt": 2}])
+    with pytest.raises(ValueError, match=r"row 0 .*is a int, not a string"):
+        load_rows(path)
+
+
+def test_required_field_missing_from_a_row_names_field_and_row(tmp_path: Path) -> None:
+    rows = [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}, {"prompt": "c"}]
+    path = _write_jsonl(tmp_path / "gaps.jsonl", rows)
+    with pytest.raises(ValueError, match=r"row 2 .*required field 'answer'"):
+        load_rows(path, required_fields=["answer"])
+    assert len(load_rows(path)) == 3  # not required: missing values are None
+    assert load_rows(path, required_fields=["answer"], limit=2)[1]["answer"] == "2"
+
+
+def test_required_column_missing_names_field_and_columns(files: dict[str, Path]) -> None:
+    with pytest.raises(
+        ValueError, match=r"required field 'nums' not found.*\['question', 'answer', 'level'\]"
+    ):
+        load_rows(files["jsonl"], prompt_field="question", required_fields=["nums"])
+
+
+# ---------------------------------------------------------------- task_from_rows
+
+
+def test_task_from_rows_builds_a_task_that_scores(files: dict[str, Path]) -> None:
+    rows = load_rows(files["jsonl"], prompt_field="question", required_fields=["answer"])
+    task = task_from_rows(rows[:2], rows[2:], ["arithmetic_exact"], "my_arith", 8)
+    assert isinstance(task, Task)
+    assert (task.name, task.max_new_tokens, len(task.train), len(task.test)) == ("my_arith", 8, 2, 1)
+    assert task.reward_fns == [RewardSpec("arithmetic_exact")]
+    fns = resolve_reward_specs(task.reward_fns)
+    totals, _ = score_completions(fns, [r["prompt"] for r in rows], ["5", "2", "8"], rows)
+    assert totals == [1.0, 0.0, 1.0]
+
+
+def test_task_from_rows_fails_early_on_bad_reward_spec() -> None:
+    with pytest.raises(RewardSpecError, match="no_such_module_abc"):
+        task_from_rows([{"prompt": "p"}], [], ["no_such_module_abc:fn"], "t", 8)
+
+
+def test_task_from_rows_validates_rows_and_arguments() -> None:
+    with pytest.raises(ValueError, match="no training rows"):
+        task_from_rows([], [], ["countdown"], "t", 8)
+    with pytest.raises(ValueError, match="test row 0 has no non-empty string 'prompt'"):
+        task_from_rows([{"prompt": "p"}], [{"question": "q"}], ["countdown"], "t", 8)
+    with pytest.raises(ValueError, match="at least one reward"):
+        task_from_rows([{"prompt": "p"}], [], [], "t", 8)
+    with pytest.raises(ValueError, match="max_new_tokens must be positive"):
+        task_from_rows([{"prompt": "p"}], [], ["countdown"], "t", 0)
