@@ -56,15 +56,19 @@ def test_metric_series_drops_non_finite_sorts_and_keeps_last_duplicate() -> None
 
 
 def test_moving_average_hand_values() -> None:
-    np.testing.assert_allclose(moving_average(np.array([1.0, 2.0, 3.0, 4.0]), 2), [1.0, 1.5, 2.5, 3.5])
+    np.testing.assert_allclose(moving_average(np.array([1.0, 2.0, 3.0, 4.0]), 1), [1.5, 2.0, 3.0, 3.5])
+    np.testing.assert_array_equal(moving_average(np.full(50, 0.1), 5), np.full(50, 0.1))  # no round-off
+    assert moving_average(np.array([]), 2).size == 0
     with pytest.raises(ValueError):
-        moving_average(np.ones(3), 0)
+        moving_average(np.ones(3), -1)
 
 
-@given(arrays(np.float64, st.integers(1, 30), elements=st.floats(-1e6, 1e6)), st.integers(1, 40))
-def test_moving_average_matches_its_definition(y: np.ndarray, window: int) -> None:
-    expected = [y[max(0, i - window + 1) : i + 1].mean() for i in range(len(y))]
-    np.testing.assert_allclose(moving_average(y, window), expected, rtol=1e-9, atol=1e-6)
+@given(arrays(np.float64, st.integers(1, 30), elements=st.floats(-1e6, 1e6)), st.integers(0, 40))
+def test_moving_average_matches_its_definition(y: np.ndarray, half_width: int) -> None:
+    expected = [y[max(0, i - half_width) : i + half_width + 1].mean() for i in range(len(y))]
+    smoothed = moving_average(y, half_width)
+    np.testing.assert_allclose(smoothed, expected, rtol=1e-9, atol=1e-6)
+    assert smoothed.min() >= y.min() and smoothed.max() <= y.max()
 
 
 def test_training_figure_has_one_panel_per_present_key_and_smooths_long_runs() -> None:

@@ -40,14 +40,20 @@ def metric_series(
     return xs, np.array([by_x[x] for x in xs], dtype=np.float64)
 
 
-def moving_average(y: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean ``s_i = mean(y[max(0, i-window+1) .. i])``, same length as ``y`` [T]."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    cumsum = np.concatenate([[0.0], np.cumsum(y, dtype=np.float64)])
-    index = np.arange(1, len(y) + 1)
-    start = np.maximum(0, index - window)
-    return (cumsum[index] - cumsum[start]) / (index - start)
+def moving_average(y: np.ndarray, half_width: int) -> np.ndarray:
+    """Centred mean ``s_i = mean(y[max(0, i-h) .. min(T-1, i+h)])`` with ``h = half_width``, same
+    length as ``y`` [T]; the window shrinks at the ends instead of padding, so there is no lag."""
+    if half_width < 0:
+        raise ValueError(f"half_width must be >= 0, got {half_width}")
+    y = np.asarray(y, dtype=np.float64)
+    if y.size == 0:
+        return y.copy()
+    cumsum = np.concatenate([[0.0], np.cumsum(y)])
+    index = np.arange(y.size)
+    start = np.maximum(0, index - half_width)
+    stop = np.minimum(y.size, index + half_width + 1)
+    # A mean lies within [min, max]; clipping only removes float round-off (flat curves stay flat).
+    return np.clip((cumsum[stop] - cumsum[start]) / (stop - start), y.min(), y.max())
 
 
 def _save(fig: Figure, out_png: Path) -> Path:
@@ -56,7 +62,7 @@ def _save(fig: Figure, out_png: Path) -> Path:
     out_png.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     tmp = out_png.with_name(f".tmp-{out_png.stem}-{secrets.token_hex(4)}.png")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, format="png", dpi=110)
     os.replace(tmp, out_png)
     return out_png
 
@@ -73,7 +79,7 @@ def training_curves_figure(
     series = {key: metric_series(metrics, key) for key in keys}
     series = {key: xy for key, xy in series.items() if xy[0].size}
     nrows, ncols = _grid(max(1, len(series)))
-    fig = Figure(figsize=(6.0, 3.2) if ncols == 1 else (11.0, 3.2 * nrows))
+    fig = Figure(figsize=(6.0, 3.4) if ncols == 1 else (11.0, 3.4 * nrows), layout="constrained")
     if not series:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "no metrics to plot: " + ", ".join(keys), ha="center", va="center", wrap=True)
@@ -83,7 +89,7 @@ def training_curves_figure(
         many = x.size >= SMOOTH_MIN_POINTS
         ax.plot(x, y, marker="" if many else "o", markersize=3, alpha=0.35 if many else 1.0, label=key)
         if many:
-            ax.plot(x, moving_average(y, max(3, x.size // 10)), linewidth=2.0, label="moving average")
+            ax.plot(x, moving_average(y, max(1, x.size // 20)), linewidth=2.0, label="moving average")
             ax.legend(loc="best", fontsize="small")
         ax.set_title(key)
         ax.set_xlabel("step")
@@ -100,8 +106,8 @@ def plot_training_curves(
     title: str = "",
 ) -> Path:
     """Write a PNG with one panel per metric in ``keys`` that has at least one finite value (absent
-    keys are skipped), x = step; with many points a moving average (window n/10) is drawn over the
-    raw curve. ``metrics`` are rows as returned by ``read_metrics``."""
+    keys are skipped), x = step. With many points a centred moving average (about n/10 points
+    wide) is drawn over the raw curve. ``metrics`` are rows as returned by ``read_metrics``."""
     return _save(training_curves_figure(metrics, keys, title), out_png)
 
 
@@ -161,7 +167,7 @@ def curves_by_group_figure(
     """The figure of :func:`plot_curves_by_group` (one axes, one line per group)."""
     if not runs:
         raise ValueError("runs is empty")
-    fig = Figure(figsize=(7.0, 4.2))
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     for name, curves in runs.items():
         try:
