@@ -7,8 +7,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 
 import pytest
+import torch
 
 from posttrain.models.tiny import build_tiny_model
+
+# Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls.
+torch.set_num_threads(1)
 
 
 def arithmetic_corpus() -> list[str]:

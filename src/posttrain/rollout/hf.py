@@ -1,0 +1,165 @@
+"""CPU rollout engine on Hugging Face ``generate`` (KV cache, left padding, micro-batches of prompts).
+
+Behaviour logprobs are not taken from ``generate``'s scores: they are recomputed after sampling
+with ``models.forward.token_logprobs`` on the right-padded prompt + completion, at the sampling
+temperature, so they match the training forward pass exactly (same kernels, same position ids).
+They are log-probabilities of the full tempered distribution: top-k / top-p truncation is a
+sampling device and is not part of pi.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationConfig
+
+from posttrain.models.forward import token_logprobs
+from posttrain.rollout.engine import FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int, *, left: bool) -> tuple[Tensor, Tensor]:
+    """Pad token-id lists to ``(input_ids [batch, time], attention_mask [batch, time])`` int64."""
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        input_ids[row, span] = torch.as_tensor(list(seq), dtype=torch.long)
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
+
+
+def cut_at_eos(generated: list[int], eos_token_ids: set[int], *, stop_on_eos: bool) -> tuple[list[int], str]:
+    """Completion tokens up to and including the first EOS, and the finish reason."""
+    if stop_on_eos:
+        for index, token in enumerate(generated):
+            if token in eos_token_ids:
+                return generated[: index + 1], FINISH_STOP
+    return generated, FINISH_LENGTH
+
+
+def eos_ids_of(model: nn.Module, tokenizer: Any) -> set[int]:
+    """EOS ids from the tokenizer and the model's generation config (some models have several)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured is not None:
+        ids.update(int(token) for token in configured)
+    return ids
+
+
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Run a block with ``seed`` without touching the caller's global RNG (no-op when None)."""
+    if seed is None:
+        yield
+        return
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block, then restore the model's previous train/eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class HFRolloutEngine:
+    """``RolloutEngine`` backed by ``model.generate``; shares the policy object, so no weight copy."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, batch_size: int = 64) -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer has no pad token: call models.load.ensure_pad_token(tokenizer) first")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.pad_token_id = int(tokenizer.pad_token_id)
+        self.eos_token_ids = eos_ids_of(model, tokenizer)
+        if not self.eos_token_ids:
+            raise ValueError("no EOS token id in the tokenizer or the model's generation config")
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Nothing to copy: the engine samples from the very module being trained."""
+        self.model = model
+
+    def generation_config(self, params: SamplingParams) -> GenerationConfig:
+        """A complete config, so none of the checkpoint's own sampling defaults leak in."""
+        return GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=not params.greedy,
+            temperature=params.logprob_temperature,
+            top_p=params.top_p if not params.greedy else 1.0,
+            # Greedy ignores top-k; 50 is generate's own default, the one value it does not warn about.
+            top_k=params.top_k if not params.greedy else 50,
+            # An empty list (not None, which generate would fill from the model) disables stopping.
+            eos_token_id=sorted(self.eos_token_ids) if params.stop_on_eos else [],
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+            num_beams=1,
+        )
+
+    def generate(
+        self, prompt_ids: list[list[int]], params: SamplingParams, *, seed: int | None = None
+    ) -> list[Completion]:
+        """Sample one completion per prompt (order kept) in micro-batches of ``batch_size`` prompts."""
+        if any(len(prompt) == 0 for prompt in prompt_ids):
+            raise ValueError("every prompt needs at least one token (e.g. a BOS token)")
+        completions: list[Completion] = []
+        with seeded(seed), eval_mode(self.model), torch.no_grad():
+            for start in range(0, len(prompt_ids), self.batch_size):
+                completions.extend(self._generate_batch(prompt_ids[start : start + self.batch_size], params))
+        return completions
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = pad_batch(prompts, self.pad_token_id, left=True)
+        policy: Any = self.model  # nn.Module's stubs do not know generate()
+        sequences = policy.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=self.generation_config(params),
+        )
+        generated = sequences[:, input_ids.shape[1] :].tolist()
+        cut = [cut_at_eos(row, self.eos_token_ids, stop_on_eos=params.stop_on_eos) for row in generated]
+        logprobs = self._behaviour_logprobs(prompts, [ids for ids, _ in cut], params.logprob_temperature)
+        return [
+            Completion(
+                prompt_ids=list(prompt),
+                completion_ids=ids,
+                logprobs=row_logprobs,
+                finish_reason=reason,
+                text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            )
+            for prompt, (ids, reason), row_logprobs in zip(prompts, cut, logprobs)
+        ]
+
+    def _behaviour_logprobs(
+        self, prompts: list[list[int]], completions: list[list[int]], temperature: float
+    ) -> list[list[float]]:
+        """log pi(completion tokens) from one right-padded training-style forward pass."""
+        full = [list(prompt) + ids for prompt, ids in zip(prompts, completions)]
+        input_ids, attention_mask = pad_batch(full, self.pad_token_id, left=False)
+        device = next(self.model.parameters()).device
+        logprobs, _ = token_logprobs(
+            self.model, input_ids.to(device), attention_mask.to(device), temperature=temperature
+        )
+        rows = logprobs.cpu().tolist()
+        return [
+            row[len(prompt) : len(prompt) + len(ids)] for row, prompt, ids in zip(rows, prompts, completions)
+        ]

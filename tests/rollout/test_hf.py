@@ -1,0 +1,217 @@
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from posttrain.models.forward import token_logprobs
+from posttrain.models.load import ensure_pad_token, load_policy
+from posttrain.rollout.engine import Completion, RolloutEngine, SamplingParams
+from posttrain.rollout.hf import HFRolloutEngine, cut_at_eos, pad_batch
+
+PROMPTS = ["1+2=", "12+34=", "7+8=", "40+2=", "3+3=", "99+1=", "5+17="]
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir: Path) -> tuple[nn.Module, Any]:
+    return load_policy(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(policy: tuple[nn.Module, Any]) -> list[list[int]]:
+    tokenizer = policy[1]
+    return [[tokenizer.bos_token_id, *tokenizer(text).input_ids] for text in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def eos_policy(tiny_model_dir: Path, prompt_ids: list[list[int]]) -> tuple[nn.Module, Any]:
+    """The tiny model fitted for a few steps to answer every prompt with "7" then EOS."""
+    model, tokenizer = load_policy(tiny_model_dir)
+    answer = [tokenizer.convert_tokens_to_ids("7"), tokenizer.eos_token_id]
+    input_ids, attention_mask = pad_batch(
+        [p + answer for p in prompt_ids], tokenizer.pad_token_id, left=False
+    )
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(40):
+        logprobs, _ = token_logprobs(model, input_ids, attention_mask)
+        (-logprobs.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokenizer
+
+
+def test_engine_satisfies_the_protocol(policy: tuple[nn.Module, Any]) -> None:
+    assert isinstance(HFRolloutEngine(*policy), RolloutEngine)
+
+
+def test_greedy_stops_at_eos_which_is_kept_as_an_action(
+    eos_policy: tuple[nn.Module, Any], prompt_ids: list[list[int]]
+) -> None:
+    model, tokenizer = eos_policy
+    engine = HFRolloutEngine(model, tokenizer)
+    completions = engine.generate(prompt_ids, SamplingParams(max_new_tokens=6, temperature=0.0))
+    seven = tokenizer.convert_tokens_to_ids("7")
+    for completion in completions:
+        assert completion.completion_ids == [seven, tokenizer.eos_token_id]
+        assert completion.finish_reason == "stop"
+        assert completion.text == "7"
+        assert len(completion.logprobs) == 2
+
+
+def test_without_stop_on_eos_generation_runs_to_max_new_tokens(
+    eos_policy: tuple[nn.Module, Any], prompt_ids: list[list[int]]
+) -> None:
+    model, tokenizer = eos_policy
+    engine = HFRolloutEngine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=5, temperature=0.0, stop_on_eos=False)
+    for completion in engine.generate(prompt_ids, params):
+        assert len(completion.completion_ids) == 5
+        assert completion.completion_ids[1] == tokenizer.eos_token_id
+        assert completion.finish_reason == "length"
+
+
+def test_max_new_tokens_and_finish_reasons_when_sampling(
+    policy: tuple[nn.Module, Any], prompt_ids: list[list[int]]
+) -> None:
+    engine = HFRolloutEngine(*policy)
+    eos = policy[1].eos_token_id
+    completions = engine.generate(prompt_ids * 4, SamplingParams(max_new_tokens=7), seed=0)
+    assert len(completions) == 4 * len(prompt_ids)
+    for completion in completions:
+        assert 1 <= len(completion.completion_ids) <= 7
+        assert eos not in completion.completion_ids[:-1]
+        if completion.finish_reason == "stop":
+            assert completion.completion_ids[-1] == eos
+        else:
+            assert completion.finish_reason == "length" and len(completion.completion_ids) == 7
+
+
+def test_same_seed_same_samples_and_caller_rng_untouched(
+    policy: tuple[nn.Module, Any], prompt_ids: list[list[int]]
+) -> None:
+    engine = HFRolloutEngine(*policy, batch_size=3)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)
+    rng_state = torch.get_rng_state()
+    first = engine.generate(prompt_ids, params, seed=7)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    again = engine.generate(prompt_ids, params, seed=7)
+    other = engine.generate(prompt_ids, params, seed=8)
+    assert [c.completion_ids for c in first] == [c.completion_ids for c in again]
+    assert [c.logprobs for c in first] == [c.logprobs for c in again]
+    assert [c.completion_ids for c in first] != [c.completion_ids for c in other]
+
+
+def test_logprobs_equal_a_fresh_right_padded_training_forward(
+    policy: tuple[nn.Module, Any], prompt_ids: list[list[int]]
+) -> None:
+    model, tokenizer = policy
+    engine = HFRolloutEngine(model, tokenizer, batch_size=3)  # micro-batches differ from the check's batch
+    completions = engine.generate(prompt_ids, SamplingParams(max_new_tokens=10, temperature=0.7), seed=1)
+    rows = [c.prompt_ids + c.completion_ids for c in completions]
+    input_ids, attention_mask = pad_batch(rows, tokenizer.pad_token_id, left=False)
+    with torch.no_grad():
+        expected, _ = token_logprobs(model.eval(), input_ids, attention_mask, temperature=0.7)
+    for row, completion in enumerate(completions):
+        start = len(completion.prompt_ids)
+        want = expected[row, start : start + len(completion.completion_ids)]
+        torch.testing.assert_close(torch.tensor(completion.logprobs), want, atol=1e-5, rtol=0)
+
+
+def test_greedy_picks_the_argmax_of_the_training_forward(
+    policy: tuple[nn.Module, Any], prompt_ids: list[list[int]]
+) -> None:
+    model, tokenizer = policy
+    engine = HFRolloutEngine(model, tokenizer, batch_size=4)
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0, stop_on_eos=False)
+    completions = engine.generate(prompt_ids, greedy, seed=1)
+    assert [c.completion_ids for c in completions] == [
+        c.completion_ids for c in engine.generate(prompt_ids, greedy, seed=2)
+    ]
+    for completion in completions:
+        ids = torch.tensor([completion.prompt_ids + completion.completion_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]
+        start = len(completion.prompt_ids)
+        steps = range(start - 1, start - 1 + len(completion.completion_ids))
+        # Greedy logprobs are reported at temperature 1: the max of each step's log-softmax.
+        log_p = torch.log_softmax(logits[list(steps)], dim=-1)
+        assert completion.completion_ids == log_p.argmax(dim=-1).tolist()
+        torch.testing.assert_close(
+            torch.tensor(completion.logprobs), log_p.max(dim=-1).values, atol=1e-5, rtol=0
+        )
+
+
+@pytest.mark.parametrize("truncation", [{"top_k": 1}, {"top_p": 1e-6}])
+def test_top_k_and_top_p_are_honoured(
+    policy: tuple[nn.Module, Any], prompt_ids: list[list[int]], truncation: dict[str, Any]
+) -> None:
+    engine = HFRolloutEngine(*policy)
+    keep_only_best = SamplingParams(max_new_tokens=6, temperature=1.5, stop_on_eos=False, **truncation)
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0, stop_on_eos=False)
+    sampled = engine.generate(prompt_ids, keep_only_best, seed=3)
+    assert [c.completion_ids for c in sampled] == [
+        c.completion_ids for c in engine.generate(prompt_ids, greedy)
+    ]
+
+
+def test_train_mode_restored_and_order_kept_across_micro_batches(
+    policy: tuple[nn.Module, Any], prompt_ids: list[list[int]]
+) -> None:
+    model, tokenizer = policy
+    engine = HFRolloutEngine(model, tokenizer, batch_size=2)
+    model.train()
+    completions = engine.generate(prompt_ids, SamplingParams(max_new_tokens=3), seed=0)
+    assert model.training
+    model.eval()
+    engine.generate(prompt_ids[:1], SamplingParams(max_new_tokens=3), seed=0)
+    assert not model.training
+    assert [c.prompt_ids for c in completions] == prompt_ids
+    assert all(
+        isinstance(c, Completion) and c.text == tokenizer.decode(c.completion_ids) for c in completions
+    )
+
+
+def test_sync_weights_keeps_sampling_from_the_shared_module(
+    policy: tuple[nn.Module, Any], prompt_ids: list[list[int]]
+) -> None:
+    model, tokenizer = policy
+    engine = HFRolloutEngine(model, tokenizer)
+    engine.sync_weights(model)
+    assert engine.model is model
+
+
+def test_invalid_inputs_are_rejected(policy: tuple[nn.Module, Any]) -> None:
+    engine = HFRolloutEngine(*policy)
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.generate([[5], []], SamplingParams())
+    assert engine.generate([], SamplingParams()) == []
+
+
+def test_cut_at_eos_and_pad_batch() -> None:
+    assert cut_at_eos([4, 2, 9, 2], {2}, stop_on_eos=True) == ([4, 2], "stop")
+    assert cut_at_eos([4, 5, 9], {2}, stop_on_eos=True) == ([4, 5, 9], "length")
+    assert cut_at_eos([4, 2, 9], {2}, stop_on_eos=False) == ([4, 2, 9], "length")
+    ids, mask = pad_batch([[7, 8, 9], [5]], 0, left=True)
+    assert ids.tolist() == [[7, 8, 9], [0, 0, 5]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_pad_token_equal_to_eos_still_cuts_after_the_first_eos(
+    eos_policy: tuple[nn.Module, Any], prompt_ids: list[list[int]]
+) -> None:
+    model, tokenizer = eos_policy
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = None
+    with pytest.warns(UserWarning, match="no pad token"):
+        ensure_pad_token(tokenizer)
+    engine = HFRolloutEngine(model, tokenizer)
+    # Rows of different lengths, so finished rows are padded with EOS while others continue.
+    completions = engine.generate(prompt_ids, SamplingParams(max_new_tokens=3, temperature=4.0), seed=0)
+    for completion in completions:
+        assert tokenizer.eos_token_id not in completion.completion_ids[:-1]
+        assert completion.finish_reason == (
+            "stop" if completion.completion_ids[-1] == tokenizer.eos_token_id else "length"
+        )
+    assert {c.finish_reason for c in completions} == {"stop", "length"}
