@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2Model
 
 from posttrain.models.critic import VALUE_HEAD_FILE, ValueModel, values_forward
 from posttrain.models.forward import position_ids_from_mask
@@ -82,3 +82,17 @@ def test_save_and_load_round_trip_restores_head(critic: ValueModel, tmp_path: Pa
     with torch.no_grad():
         torch.testing.assert_close(restored(ids, mask), critic(ids, mask), atol=0, rtol=0)
     assert torch.equal(restored.value_head.bias, torch.tensor([0.5]))
+
+
+def test_position_ids_follow_the_mask_for_absolute_position_backbones() -> None:
+    torch.manual_seed(0)
+    critic = ValueModel(GPT2Model(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)))
+    torch.nn.init.normal_(critic.value_head.weight, std=1.0)
+    critic.eval()
+    right = torch.tensor([[4, 8, 15, 16], [7, 3, 9, 0]])
+    left = torch.tensor([[4, 8, 15, 16], [0, 7, 3, 9]])
+    right_mask, left_mask = (right > 0).long(), (left > 0).long()
+    with torch.no_grad():
+        v_right, v_left = critic(right, right_mask), critic(left, left_mask)
+    torch.testing.assert_close(v_right[1, :3], v_left[1, 1:], atol=1e-5, rtol=0)
+    assert v_right[1, 1] != 0

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from posttrain.models.forward import (
     position_ids_from_mask,
@@ -48,23 +48,35 @@ def test_hand_check_against_explicit_log_softmax(model: nn.Module) -> None:
     torch.testing.assert_close(entropy[0], torch.tensor(expected_entropy), atol=1e-5, rtol=0)
 
 
-def test_left_and_right_padding_give_identical_per_token_values(model: nn.Module) -> None:
+@pytest.fixture(scope="module")
+def absolute_position_model() -> nn.Module:
+    """Tiny GPT-2: learned absolute positions, so wrong position ids change its outputs (RoPE would not)."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_left_and_right_padding_give_identical_per_token_values(
+    which: str, model: nn.Module, absolute_position_model: nn.Module
+) -> None:
+    lm = model if which == "llama" else absolute_position_model
     rows = [[4, 8, 15, 16, 23, 42], [7, 3], [11, 12, 13, 14]]
     left_ids, left_mask = pad(rows, left=True)
     right_ids, right_mask = pad(rows, left=False)
     with torch.no_grad():
-        left_lp, left_ent = token_logprobs(model, left_ids, left_mask, with_entropy=True)
-        right_lp, right_ent = token_logprobs(model, right_ids, right_mask, with_entropy=True)
-    width = left_ids.shape[1]
-    for i, row in enumerate(rows):
-        alone, _ = token_logprobs(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))
-        left_part = left_lp[i, width - len(row) :]
-        torch.testing.assert_close(left_part, right_lp[i, : len(row)], atol=1e-5, rtol=0)
-        torch.testing.assert_close(left_part, alone[0].detach(), atol=1e-5, rtol=0)
-        torch.testing.assert_close(
-            left_ent[i, width - len(row) :], right_ent[i, : len(row)], atol=1e-5, rtol=0
-        )
-        assert left_part[0] == 0 and (left_part[1:] < 0).all()
+        left_lp, left_ent = token_logprobs(lm, left_ids, left_mask, with_entropy=True)
+        right_lp, right_ent = token_logprobs(lm, right_ids, right_mask, with_entropy=True)
+        width = left_ids.shape[1]
+        for i, row in enumerate(rows):
+            alone, _ = token_logprobs(lm, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))
+            left_part = left_lp[i, width - len(row) :]
+            torch.testing.assert_close(left_part, right_lp[i, : len(row)], atol=1e-5, rtol=0)
+            torch.testing.assert_close(left_part, alone[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                left_ent[i, width - len(row) :], right_ent[i, : len(row)], atol=1e-5, rtol=0
+            )
+            assert left_part[0] == 0 and (left_part[1:] < 0).all()
     # Padding contributes exactly zero.
     assert (left_lp[left_mask == 0] == 0).all() and (right_lp[right_mask == 0] == 0).all()
     assert (right_ent[right_mask == 0] == 0).all()

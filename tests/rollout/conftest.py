@@ -11,7 +11,7 @@ import torch
 
 from posttrain.models.tiny import build_tiny_model
 
-# Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls.
+# Tiny models: one thread avoids oversubscription stalls when test processes share few cores.
 torch.set_num_threads(1)
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from posttrain.models.forward import token_logprobs
-from posttrain.models.load import ensure_pad_token, load_policy
+from posttrain.models.load import LoraSettings, ensure_pad_token, load_policy
 from posttrain.rollout.engine import Completion, RolloutEngine, SamplingParams
 from posttrain.rollout.hf import HFRolloutEngine, cut_at_eos, pad_batch
 
@@ -215,3 +215,19 @@ def test_pad_token_equal_to_eos_still_cuts_after_the_first_eos(
             "stop" if completion.completion_ids[-1] == tokenizer.eos_token_id else "length"
         )
     assert {c.finish_reason for c in completions} == {"stop", "length"}
+
+
+def test_lora_policy_generates_and_logprobs_match_its_forward(
+    tiny_model_dir: Path, prompt_ids: list[list[int]]
+) -> None:
+    model, tokenizer = load_policy(tiny_model_dir, lora=LoraSettings(r=2, alpha=4))
+    engine = HFRolloutEngine(model, tokenizer)
+    completions = engine.generate(prompt_ids[:3], SamplingParams(max_new_tokens=4), seed=0)
+    rows = [c.prompt_ids + c.completion_ids for c in completions]
+    input_ids, attention_mask = pad_batch(rows, tokenizer.pad_token_id, left=False)
+    with torch.no_grad():
+        expected, _ = token_logprobs(model, input_ids, attention_mask)
+    for row, completion in enumerate(completions):
+        start = len(completion.prompt_ids)
+        want = expected[row, start : start + len(completion.completion_ids)]
+        torch.testing.assert_close(torch.tensor(completion.logprobs), want, atol=1e-5, rtol=0)

@@ -16,7 +16,8 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Position of each token counted over real tokens only: ``cumsum(mask) - 1`` clamped at 0.
 
     ``attention_mask``: ``[batch, time]`` (1 = real token). Returns int64 ``[batch, time]``; the
-    first real token of every row has position 0 whatever the padding side.
+    first real token of every row has position 0 whatever the padding side. Rotary models are
+    invariant to a per-row offset anyway; models with learned absolute positions (GPT-2) are not.
     """
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
