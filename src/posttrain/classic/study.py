@@ -162,6 +162,7 @@ def _execute(jobs: list[tuple[TrainConfig, str]], steps: int, workers: int, show
             for config, arm in jobs:
                 bar.update(task, description=f"{arm} seed {config.seed}")
                 results.append(train_arm(config, arm, partial(report, arm, config.seed)))
+                _log_finished(bar, results[-1])
             return results
         context = get_context("spawn")
         with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
@@ -171,11 +172,21 @@ def _execute(jobs: list[tuple[TrainConfig, str]], steps: int, workers: int, show
             }
             pending = set(futures)
             while pending:
-                _, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    _log_finished(bar, future.result())
                 while not queue.empty():
                     report(*queue.get())
             ordered = sorted(futures, key=futures.__getitem__)
             return [f.result() for f in ordered]
+
+
+def _log_finished(bar: Progress, run: RunResult) -> None:
+    """One line per finished run, so that a log without the live bar still shows progress."""
+    bar.console.log(
+        f"{run.env_id} {run.arm} seed {run.seed}: final return {run.final_return:.1f}, "
+        f"{run.steps_per_sec:,.0f} steps/s"
+    )
 
 
 def binned_curve(curve: list[tuple[int, float]], steps: int, bins: int = 50) -> list[float]:
