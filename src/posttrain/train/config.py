@@ -23,7 +23,7 @@ class RunSettings(Section):
     name: str = "demo"
     output_dir: str = "runs"
     seed: int = 0
-    num_threads: int = Field(0, ge=0, description="torch threads; 0 = torch's default")
+    num_threads: int = Field(1, ge=0, description="torch threads; 0 = torch's default")
 
 
 class LoraConfig(Section):
@@ -101,8 +101,8 @@ class OptimConfig(Section):
 class WarmStartConfig(Section):
     """Supervised warm-start on the task's solutions (used for the embedded tiny model)."""
 
-    steps: int = Field(0, ge=0)
-    lr: float = Field(3e-3, gt=0.0)
+    steps: int = Field(600, ge=0, description="0 = no warm-start; ignored when model.path is set")
+    lr: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(64, ge=1)
 
 

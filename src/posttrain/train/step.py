@@ -239,7 +239,7 @@ def _micro_batch_backward(
         )
         loss = aggregate(per_token, micro.loss_weights)
         metrics.update({k: float(v) for k, v in loss_metrics.items()})
-        metrics["policy_loss"] = float(loss)
+        metrics["policy_loss"] = loss.item()
         if kl_in_loss and state.kl_controller is not None:
             kl = kl_penalty(logprobs, micro.ref_logprobs, preset.kl_estimator) * micro.loss_mask
             loss = loss + state.kl_controller.coef * aggregate(kl, micro.loss_weights)
@@ -254,7 +254,7 @@ def _micro_batch_backward(
         )
         v_loss = cfg.optim.vf_coef * aggregate(per_token_v, micro.value_weights)
         v_loss.backward()
-        metrics["value_loss"] = float(v_loss) / cfg.optim.vf_coef if cfg.optim.vf_coef else 0.0
+        metrics["value_loss"] = v_loss.item() / cfg.optim.vf_coef if cfg.optim.vf_coef else 0.0
         metrics.update({k: float(v) for k, v in v_metrics.items()})
     return metrics
 
