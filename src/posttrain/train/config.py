@@ -48,6 +48,7 @@ class RewardFnConfig(Section):
 
 class DataConfig(Section):
     task: str | None = Field("arithmetic", description="built-in task, used when `path` is not set")
+    task_options: dict[str, Any] = Field(default_factory=dict, description="the built-in task's settings")
     path: str | None = Field(None, description="JSONL / Parquet / CSV file or saved HF dataset folder")
     test_path: str | None = None
     prompt_field: str = "prompt"

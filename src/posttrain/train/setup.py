@@ -36,7 +36,9 @@ def build_task(cfg: TrainConfig) -> Task:
     specs = [RewardSpec(r.fn, r.weight) for r in data.reward_fns]
     if data.path is None:
         assert data.task is not None
-        task = get_task(data.task, seed=cfg.run.seed, num_train=data.num_train, num_test=data.num_test)
+        task = get_task(
+            data.task, seed=cfg.run.seed, num_train=data.num_train, num_test=data.num_test, **data.task_options
+        )
         if specs:
             task.reward_fns = specs
     else:
@@ -71,6 +73,7 @@ def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
         "seed": cfg.run.seed,
         "warmstart": cfg.warmstart.model_dump(),
         "num_train": cfg.data.num_train,
+        "task_options": cfg.data.task_options,
     }
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     cache = Path(cfg.run.output_dir) / ".cache"
@@ -81,8 +84,8 @@ def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
         num_layers=cfg.model.tiny_layers,
         seed=cfg.run.seed,
     )
-    if cfg.warmstart.steps == 0:
-        return base
+    if cfg.warmstart.steps == 0 or not all("solution" in row for row in task.train):
+        return base  # nothing to imitate: a dataset without solutions starts RL from the fresh model
     return warm_start(base, cache / f"warm-{key}", task, cfg.warmstart, seed=cfg.run.seed)
 
 

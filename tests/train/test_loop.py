@@ -1,0 +1,117 @@
+"""End-to-end runs of the trainer on a tiny locally built model (2 steps each)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from posttrain.algorithms.presets import PRESETS
+from posttrain.rewards.functions import RewardFunctionError
+from posttrain.train.config import load_config
+from posttrain.train.loop import train
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.tiny_hidden_size=32",
+    "model.tiny_layers=2",
+    "warmstart.steps=5",
+    "warmstart.batch_size=16",
+    "data.num_train=64",
+    "data.num_test=8",
+    "eval.num_prompts=8",
+    "eval.every=0",
+    "rollout.prompts_per_step=4",
+    "rollout.group_size=4",
+    "optim.steps=2",
+    "optim.micro_batch_size=8",
+    "logging.tensorboard=false",
+    "logging.progress=false",
+]
+
+VOLATILE = ("time/", "tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return tmp_path_factory.mktemp("runs")
+
+
+def _config(out_dir, name, *extra):
+    return load_config(None, [*TINY, f"run.output_dir={out_dir}", f"run.name={name}", *extra])
+
+
+def _stable(row):
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+@pytest.mark.parametrize("algorithm", sorted(PRESETS))
+def test_every_preset_runs_two_steps_end_to_end(out_dir, algorithm):
+    result = train(_config(out_dir, algorithm, f"algorithm={algorithm}"))
+    steps = [row for row in result.history if "reward_mean" in row]
+    assert [row["step"] for row in steps] == [1, 2]
+    for row in steps:
+        assert all(math.isfinite(v) for v in row.values() if isinstance(v, float)), row
+    if PRESETS[algorithm].uses_critic:
+        assert "value_loss" in steps[0] and "explained_variance" in steps[0]
+    run = result.run_dir
+    assert (run / "config.yaml").is_file() and (run / "samples.jsonl").is_file()
+    assert result.plot_path is not None and result.plot_path.stat().st_size > 1000
+    assert (result.checkpoint / "policy" / "config.json").is_file()
+    assert "after RL" in result.table
+
+
+def test_lora_run_saves_a_merged_model_loadable_by_transformers_alone(out_dir):
+    from transformers import AutoModelForCausalLM
+
+    result = train(_config(out_dir, "lora", "algorithm=grpo", "model.lora={r: 4, alpha: 8}"))
+    model = AutoModelForCausalLM.from_pretrained(result.checkpoint / "policy")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_resumed_run_matches_an_uninterrupted_one(out_dir, algorithm):
+    full = train(_config(out_dir, f"full-{algorithm}", f"algorithm={algorithm}", "optim.steps=4"))
+    train(_config(out_dir, f"cut-{algorithm}", f"algorithm={algorithm}", "optim.steps=2"))
+    resumed = train(_config(out_dir, f"cut-{algorithm}", f"algorithm={algorithm}", "optim.steps=4"), resume=True)
+
+    def steps(result, wanted):
+        return [_stable(r) for r in result.history if r["step"] in wanted and "reward_mean" in r]
+
+    assert steps(resumed, {3, 4}) == steps(full, {3, 4})
+    assert resumed.final_eval == full.final_eval
+
+
+def test_resume_without_checkpoint_is_a_clear_error(out_dir):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train(_config(out_dir, "never-ran"), resume=True)
+
+
+def test_user_dataset_and_reward_function_by_file_path(out_dir, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"{i}+1=", "target": str(i + 1)}) for i in range(12)))
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(
+        "def exact(prompt, completion, **row):\n    return float(completion.strip() == row['target'])\n"
+    )
+    config = _config(
+        out_dir,
+        "user-data",
+        f"data.path={data}",
+        "data.prompt_field=question",
+        "data.max_new_tokens=4",
+        f"data.reward_fns=[{{fn: '{rewards}:exact'}}]",
+        "model.path=null",
+    )
+    result = train(config)
+    assert any(row.get("reward/exact") is not None for row in result.history)
+
+
+def test_a_reward_function_that_raises_names_itself(out_dir, tmp_path):
+    rewards = tmp_path / "bad_rewards.py"
+    rewards.write_text("def broken(prompt, completion, **row):\n    raise KeyError('oops')\n")
+    config = _config(out_dir, "bad-reward", f"data.reward_fns=[{{fn: '{rewards}:broken'}}]")
+    with pytest.raises(RewardFunctionError, match="broken"):
+        train(config)
