@@ -1,7 +1,7 @@
 """posttrain: reinforcement-learning post-training of language models on one shared core.
 
-    from posttrain import train, TrainConfig
-    result = train(TrainConfig(algorithm="grpo"))
+from posttrain import train, TrainConfig
+result = train(TrainConfig(algorithm="grpo"))
 """
 
 from typing import Any

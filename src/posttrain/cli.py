@@ -55,8 +55,10 @@ def _eval(args: argparse.Namespace) -> int:
         max_new_tokens=task.max_new_tokens,
         temperature=args.temperature,
     )
-    print(f"{task.name} {args.split}: accuracy {100 * result['eval_accuracy']:.1f}%  "
-          f"mean reward {result['eval_reward']:.3f}  ({len(result['samples'])} prompts)")
+    print(
+        f"{task.name} {args.split}: accuracy {100 * result['eval_accuracy']:.1f}%  "
+        f"mean reward {result['eval_reward']:.3f}  ({len(result['samples'])} prompts)"
+    )
     return 0
 
 
@@ -66,10 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="RL-train a causal LM (no arguments: the embedded demo)")
     train.add_argument("--config", type=Path, default=None, help="YAML config (default: the embedded demo)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set algorithm=ppo --set rollout.group_size=8")
-    train.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                       help="continue runs/<name> from its last checkpoint")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set algorithm=ppo --set rollout.group_size=8",
+    )
+    train.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue runs/<name> from its last checkpoint",
+    )
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.set_defaults(func=_train)
 

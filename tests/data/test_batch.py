@@ -7,7 +7,15 @@ from posttrain.data.trace import Episode, Trace, single_turn_trace
 
 def _two_segment_episode() -> Episode:
     # segment 0: prompt, 2 actions, tool output; segment 1: summary prompt, 1 action
-    first = Trace([1, 2, 3, 4], [0, 1, 1, 0], [0.0, -0.1, -0.2, 0.0], episode_id=5, group_id=0, segment_index=0, ended=False)
+    first = Trace(
+        [1, 2, 3, 4],
+        [0, 1, 1, 0],
+        [0.0, -0.1, -0.2, 0.0],
+        episode_id=5,
+        group_id=0,
+        segment_index=0,
+        ended=False,
+    )
     second = Trace([1, 9, 8], [0, 0, 1], [0.0, 0.0, -0.3], episode_id=5, group_id=0, segment_index=1)
     return Episode(traces=[second, first], reward=2.0)  # out of order on purpose
 

@@ -11,7 +11,11 @@ def test_defaults_validate_and_resolve_the_preset():
 
 def test_set_overrides_are_parsed_as_yaml_and_nested():
     tree = parse_overrides(["algorithm=ppo", "rollout.group_size=8", "algo.loss_kwargs={clip_high: 0.3}"])
-    assert tree == {"algorithm": "ppo", "rollout": {"group_size": 8}, "algo": {"loss_kwargs": {"clip_high": 0.3}}}
+    assert tree == {
+        "algorithm": "ppo",
+        "rollout": {"group_size": 8},
+        "algo": {"loss_kwargs": {"clip_high": 0.3}},
+    }
     config = load_config(None, ["algorithm=ppo", "rollout.group_size=8", "algo.loss_kwargs={clip_high: 0.3}"])
     assert config.rollout.group_size == 8
     assert config.preset().loss_kwargs == {"clip_low": 0.2, "clip_high": 0.3}
@@ -34,7 +38,10 @@ def test_yaml_file_then_overrides(tmp_path):
         (["algo.aggregation=mean"], r"algo\.aggregation: unknown aggregation 'mean'"),
         (["rollout.group_size=1"], r"rollout\.group_size must be >= 2 for 'grpo'"),
         (["data.task=null"], r"set data\.task .* or data\.path"),
-        (["optim.num_mini_batches=1000", "rollout.prompts_per_step=2", "rollout.group_size=2"], "num_mini_batches"),
+        (
+            ["optim.num_mini_batches=1000", "rollout.prompts_per_step=2", "rollout.group_size=2"],
+            "num_mini_batches",
+        ),
         (["algo.kl_placement=everywhere"], r"algo\.kl_placement"),
     ],
 )

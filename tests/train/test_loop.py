@@ -75,7 +75,9 @@ def test_lora_run_saves_a_merged_model_loadable_by_transformers_alone(out_dir):
 def test_resumed_run_matches_an_uninterrupted_one(out_dir, algorithm):
     full = train(_config(out_dir, f"full-{algorithm}", f"algorithm={algorithm}", "optim.steps=4"))
     train(_config(out_dir, f"cut-{algorithm}", f"algorithm={algorithm}", "optim.steps=2"))
-    resumed = train(_config(out_dir, f"cut-{algorithm}", f"algorithm={algorithm}", "optim.steps=4"), resume=True)
+    resumed = train(
+        _config(out_dir, f"cut-{algorithm}", f"algorithm={algorithm}", "optim.steps=4"), resume=True
+    )
 
     def steps(result, wanted):
         return [_stable(r) for r in result.history if r["step"] in wanted and "reward_mean" in r]

@@ -38,7 +38,9 @@ class TrainResult:
     table: str = ""
 
 
-def rows_for_step(train_rows: list[dict[str, Any]], position: int, count: int, seed: int) -> list[dict[str, Any]]:
+def rows_for_step(
+    train_rows: list[dict[str, Any]], position: int, count: int, seed: int
+) -> list[dict[str, Any]]:
     """Prompts ``position .. position + count`` of an endless stream of seeded per-epoch shuffles."""
     out = []
     n = len(train_rows)
@@ -124,7 +126,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
 
     # a resumed full fine-tune continues from the checkpoint's weights; the reference stays the original
     policy_path = checkpoint / "policy" if checkpoint is not None and not cfg.model.lora else model_path
-    critic_path = checkpoint / "critic" if checkpoint is not None and (checkpoint / "critic").is_dir() else None
+    critic_path = (
+        checkpoint / "critic" if checkpoint is not None and (checkpoint / "critic").is_dir() else None
+    )
     state = build_state(cfg, task, model_path, policy_path=policy_path, critic_path=critic_path)
     if checkpoint is not None:
         _restore(state, checkpoint)
@@ -151,7 +155,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
                 _checkpoint(state, run_dir, model_path)
     final = _run_eval(state, task)
     logger.log_metrics(state.step, {k: v for k, v in final.items() if k != "samples"} | {"final": 1.0})
-    logger.log_samples(state.step, [dict(s, split="test") for s in final["samples"][: cfg.logging.num_samples]])
+    logger.log_samples(
+        state.step, [dict(s, split="test") for s in final["samples"][: cfg.logging.num_samples]]
+    )
     last = _checkpoint(state, run_dir, model_path)
     logger.close()
 

@@ -37,13 +37,19 @@ def build_task(cfg: TrainConfig) -> Task:
     if data.path is None:
         assert data.task is not None
         task = get_task(
-            data.task, seed=cfg.run.seed, num_train=data.num_train, num_test=data.num_test, **data.task_options
+            data.task,
+            seed=cfg.run.seed,
+            num_train=data.num_train,
+            num_test=data.num_test,
+            **data.task_options,
         )
         if specs:
             task.reward_fns = specs
     else:
         if not specs:
-            raise ValueError("data.reward_fns: a dataset given by data.path needs at least one reward function")
+            raise ValueError(
+                "data.reward_fns: a dataset given by data.path needs at least one reward function"
+            )
         train_rows = load_rows(data.path, prompt_field=data.prompt_field, limit=data.num_train)
         test_rows = (
             load_rows(data.test_path, prompt_field=data.prompt_field, limit=data.num_test)

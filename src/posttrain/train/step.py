@@ -95,7 +95,9 @@ def rollout(
         "reward_std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
         "accuracy": float(torch.tensor([s >= 1.0 for s in per_fn[first_fn]], dtype=torch.float).mean()),
         "response_length": float(torch.tensor([len(c.completion_ids) for c in completions]).float().mean()),
-        "truncated_fraction": float(torch.tensor([c.finish_reason == "length" for c in completions]).float().mean()),
+        "truncated_fraction": float(
+            torch.tensor([c.finish_reason == "length" for c in completions]).float().mean()
+        ),
     }
     for name, scores in per_fn.items():
         metrics[f"reward/{name}"] = float(torch.tensor(scores).mean())
@@ -225,7 +227,11 @@ def _micro_batch_backward(
     if train_policy:
         want_entropy = cfg.optim.entropy_coef > 0
         logprobs, entropy = token_logprobs(
-            state.policy, micro.input_ids, micro.attention_mask, temperature=temperature, with_entropy=want_entropy
+            state.policy,
+            micro.input_ids,
+            micro.attention_mask,
+            temperature=temperature,
+            with_entropy=want_entropy,
         )
         per_token, loss_metrics = POLICY_LOSSES.call(
             preset.policy_loss,
@@ -250,7 +256,11 @@ def _micro_batch_backward(
         assert micro.values is not None and micro.returns is not None
         new_values = state.critic(micro.input_ids, micro.attention_mask)
         per_token_v, v_metrics = clipped_value_loss(
-            new_values, micro.values, micro.returns, micro.loss_mask, cliprange_value=cfg.optim.cliprange_value
+            new_values,
+            micro.values,
+            micro.returns,
+            micro.loss_mask,
+            cliprange_value=cfg.optim.cliprange_value,
         )
         v_loss = cfg.optim.vf_coef * aggregate(per_token_v, micro.value_weights)
         v_loss.backward()
@@ -298,7 +308,9 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
         state.kl_controller.update(metrics["kl"], n_steps=len(episodes))
         metrics["kl_coef"] = state.kl_controller.coef
     if state.critic is not None and batch.values is not None and batch.returns is not None:
-        metrics["explained_variance"] = float(explained_variance(batch.values, batch.returns, batch.loss_mask))
+        metrics["explained_variance"] = float(
+            explained_variance(batch.values, batch.returns, batch.loss_mask)
+        )
     generated = sum(len(c.completion_ids) for c in completions)
     metrics.update(
         {

@@ -58,7 +58,9 @@ def warm_start(base_path: Path, out_dir: Path, task: Task, settings: Any, *, see
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         # cosine decay keeps the short stage stable
         for group in optimizer.param_groups:
-            group["lr"] = settings.lr * 0.5 * (1 + torch.cos(torch.tensor(step / settings.steps * 3.14159)).item())
+            group["lr"] = (
+                settings.lr * 0.5 * (1 + torch.cos(torch.tensor(step / settings.steps * 3.14159)).item())
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
