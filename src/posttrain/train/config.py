@@ -83,7 +83,7 @@ class AlgorithmOverrides(Section):
 
 class OptimConfig(Section):
     steps: int = Field(60, ge=1)
-    lr: float = Field(1e-4, gt=0.0)
+    lr: float = Field(1e-5, gt=0.0)
     critic_lr: float = Field(5e-4, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
     epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
@@ -102,7 +102,7 @@ class OptimConfig(Section):
 class WarmStartConfig(Section):
     """Supervised warm-start on the task's solutions (used for the embedded tiny model)."""
 
-    steps: int = Field(600, ge=0, description="0 = no warm-start; ignored when model.path is set")
+    steps: int = Field(1000, ge=0, description="0 = no warm-start; ignored when model.path is set")
     lr: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(64, ge=1)
 

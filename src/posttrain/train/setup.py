@@ -92,7 +92,9 @@ def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
     )
     if cfg.warmstart.steps == 0 or not all("solution" in row for row in task.train):
         return base  # nothing to imitate: a dataset without solutions starts RL from the fresh model
-    return warm_start(base, cache / f"warm-{key}", task, cfg.warmstart, seed=cfg.run.seed)
+    return warm_start(
+        base, cache / f"warm-{key}", task, cfg.warmstart, seed=cfg.run.seed, progress=cfg.logging.progress
+    )
 
 
 def build_state(

@@ -14,6 +14,7 @@ from posttrain.algorithms.masked import masked_mean
 from posttrain.data.tasks import Task
 from posttrain.models.forward import token_logprobs
 from posttrain.models.load import load_policy
+from posttrain.train.logging import TrainProgress
 
 
 def supervised_batch(tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, ...]:
@@ -38,7 +39,9 @@ def supervised_batch(tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[torch.
     return input_ids, attention_mask, loss_mask
 
 
-def warm_start(base_path: Path, out_dir: Path, task: Task, settings: Any, *, seed: int) -> Path:
+def warm_start(
+    base_path: Path, out_dir: Path, task: Task, settings: Any, *, seed: int, progress: bool = True
+) -> Path:
     """Fine-tune ``base_path`` on ``task.train`` solutions for ``settings.steps`` steps (cached)."""
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
@@ -49,6 +52,8 @@ def warm_start(base_path: Path, out_dir: Path, task: Task, settings: Any, *, see
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     rng = random.Random(seed)
     rows = list(task.train)
+    bar = TrainProgress(settings.steps, enabled=progress, fields=(("sft_loss", "warm-start loss"),))
+    bar.start()
     for step in range(settings.steps):
         batch_rows = rng.sample(rows, min(settings.batch_size, len(rows)))
         input_ids, attention_mask, loss_mask = supervised_batch(tokenizer, batch_rows)
@@ -63,6 +68,8 @@ def warm_start(base_path: Path, out_dir: Path, task: Task, settings: Any, *, see
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        bar.update(step + 1, {"sft_loss": loss.item()})
+    bar.stop()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-warm-", dir=out_dir.parent))
     model.save_pretrained(tmp)

@@ -1,4 +1,4 @@
-"""A tiny model + tokenizer built once per test session (hidden 32, 2 layers), offline."""
+"""Shared fixtures: one thread per test process, offline HF, a tiny model + tokenizer built once per session."""
 
 import os
 
