@@ -67,11 +67,7 @@ def _run_eval(state: TrainState, task: Task) -> dict[str, Any]:
 
 def _checkpoint(state: TrainState, run_dir: Path, model_path: Path) -> Path:
     cfg = state.config
-    optimizers = {"policy": state.policy_optimizer}
-    schedulers: dict[str, Any] = {"policy": state.policy_scheduler}
-    if state.critic_optimizer is not None:
-        optimizers["critic"] = state.critic_optimizer
-        schedulers["critic"] = state.critic_scheduler
+    optimizers, schedulers = _optimizers_and_schedulers(state)
     trainable = {k: v.detach() for k, v in state.policy.named_parameters() if v.requires_grad}
     extra = {"policy_trainable": trainable} if cfg.model.lora else None
     trainer_state = {
@@ -95,12 +91,17 @@ def _checkpoint(state: TrainState, run_dir: Path, model_path: Path) -> Path:
     )
 
 
-def _restore(state: TrainState, checkpoint: Path) -> None:
-    optimizers = {"policy": state.policy_optimizer}
+def _optimizers_and_schedulers(state: TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
+    optimizers: dict[str, Any] = {"policy": state.policy_optimizer}
     schedulers: dict[str, Any] = {"policy": state.policy_scheduler}
     if state.critic_optimizer is not None:
         optimizers["critic"] = state.critic_optimizer
         schedulers["critic"] = state.critic_scheduler
+    return optimizers, schedulers
+
+
+def _restore(state: TrainState, checkpoint: Path) -> None:
+    optimizers, schedulers = _optimizers_and_schedulers(state)
     trainer_state = load_trainer_state(checkpoint, optimizers=optimizers, schedulers=schedulers)
     state.step = int(trainer_state["step"])
     state.data_position = int(trainer_state["data_position"])

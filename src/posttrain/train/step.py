@@ -117,6 +117,11 @@ def sampling_params(cfg: TrainConfig, *, max_new_tokens: int) -> SamplingParams:
     )
 
 
+def logprob_temperature(cfg: TrainConfig) -> float:
+    """The temperature the sampler used, so training log-probs match it (greedy counts as 1)."""
+    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+
+
 def shape_rewards(state: TrainState, episodes: list[Episode]) -> tuple[list[Episode], dict[str, float]]:
     """DAPO overlong shaping and dynamic sampling, when the preset asks for them."""
     metrics: dict[str, float] = {}
@@ -187,7 +192,7 @@ def compute_advantages(state: TrainState, batch: Batch) -> dict[str, float]:
 def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
     """Epochs x mini-batches of optimizer steps with gradient accumulation over micro-batches."""
     cfg, preset = state.config, state.preset
-    temperature = max(cfg.rollout.temperature, 1e-6) if cfg.rollout.temperature > 0 else 1.0
+    temperature = logprob_temperature(cfg)
     train_policy = state.step >= cfg.optim.critic_warmup_steps or state.critic is None
     kl_in_loss = preset.kl_placement == "loss" and batch.ref_logprobs is not None
     generator = torch.Generator().manual_seed(step_seed)
@@ -295,8 +300,7 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
     episodes, shaping_metrics = shape_rewards(state, episodes)
     metrics.update(shaping_metrics)
     batch = collate_episodes(episodes, state.tokenizer.pad_token_id)
-    temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-    metrics.update(fill_old_ref_values(state, batch, temperature))
+    metrics.update(fill_old_ref_values(state, batch, logprob_temperature(cfg)))
     metrics.update(compute_advantages(state, batch))
     t2 = time.perf_counter()
     metrics.update(update(state, batch, seed))
