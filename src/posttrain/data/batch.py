@@ -71,20 +71,22 @@ def collate_episodes(episodes: Sequence[Episode], pad_token_id: int) -> Batch:
     The episode's outcome reward is placed on the last trainable token of its last sub-trace;
     an episode with no trainable token keeps its reward nowhere (it cannot be credited).
     """
-    traces = [trace for episode in episodes for trace in episode.traces]
-    if not traces:
+    # one row per sub-trace, each episode's sub-traces in segment order
+    per_episode = [sorted(episode.traces, key=lambda t: t.segment_index) for episode in episodes]
+    ordered = [trace for traces in per_episode for trace in traces]
+    if not ordered:
         raise ValueError("cannot build a batch from zero traces")
-    width = max(len(t.tokens) for t in traces)
-    rows = len(traces)
+    width = max(len(t.tokens) for t in ordered)
+    rows = len(ordered)
     input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((rows, width), dtype=torch.long)
     loss_mask = torch.zeros((rows, width))
     rollout_logprobs = torch.zeros((rows, width))
     token_rewards = torch.zeros((rows, width))
     row = 0
-    for episode in episodes:
+    for episode, traces in zip(episodes, per_episode, strict=True):
         last_action: tuple[int, int] | None = None
-        for trace in sorted(episode.traces, key=lambda t: t.segment_index):
+        for trace in traces:
             n = len(trace.tokens)
             input_ids[row, :n] = torch.tensor(trace.tokens, dtype=torch.long)
             attention_mask[row, :n] = 1
@@ -96,7 +98,6 @@ def collate_episodes(episodes: Sequence[Episode], pad_token_id: int) -> Batch:
             row += 1
         if last_action is not None:
             token_rewards[last_action] = float(episode.reward)
-    ordered = [t for e in episodes for t in sorted(e.traces, key=lambda t: t.segment_index)]
     return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -88,7 +88,7 @@ def rollout(
             group_id=index // group_size,
             ended=completion.finish_reason == "stop",
         )
-        episodes.append(Episode(traces=[trace], reward=float(reward), info={"per_fn": {}}))
+        episodes.append(Episode(traces=[trace], reward=float(reward)))
     first_fn = state.reward_fns[0][0]
     metrics = {
         "reward_mean": float(torch.tensor(rewards).mean()),
