@@ -74,7 +74,10 @@ def warm_start(
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-warm-", dir=out_dir.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process finished the same warm-start first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out_dir / "config.json").is_file():
+            raise
     return out_dir
