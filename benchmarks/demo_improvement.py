@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from transformers.utils import logging as hf_logging
+
 from posttrain.train.config import load_config
 from posttrain.train.loop import train
 
@@ -22,6 +24,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    hf_logging.disable_progress_bar()  # as the CLI does: one progress bar per run is enough
     gains: dict[str, list[float]] = {}
     print(f"{'algorithm':<10} {'seed':>4} {'before':>8} {'after':>8} {'gain':>8}")
     for algorithm in args.algorithms.split(","):

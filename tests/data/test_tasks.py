@@ -97,7 +97,7 @@ def test_train_and_test_prompts_are_disjoint_and_unique(name: str) -> None:
     task = get_task(name)  # the full default sizes
     train_prompts = [row["prompt"] for row in task.train]
     test_prompts = [row["prompt"] for row in task.test]
-    assert len(train_prompts) == 2000 and len(test_prompts) == 200
+    assert len(train_prompts) == 600 and len(test_prompts) == 200
     assert len(set(train_prompts)) == len(train_prompts)
     assert len(set(test_prompts)) == len(test_prompts)
     assert not set(train_prompts) & set(test_prompts)
@@ -170,10 +170,10 @@ def test_countdown_prompt_format() -> None:
     assert row["prompt"] == f"nums {' '.join(map(str, row['nums']))} target {row['target']}:"
 
 
-def test_arithmetic_default_is_two_digit_plus_minus_with_negatives() -> None:
+def test_arithmetic_default_is_operands_to_20_plus_minus_with_negatives() -> None:
     task = get_task()
     assert {row["op"] for row in task.train} == {"+", "-"}
-    assert max(max(row["a"], row["b"]) for row in task.train) == 99
+    assert max(max(row["a"], row["b"]) for row in task.train) == 20
     assert any(row["answer"].startswith("-") for row in task.train)
     assert task.reward_fns == [RewardSpec("arithmetic_exact")]
 
@@ -207,3 +207,11 @@ def test_task_corpus_includes_alphabet_prompts_and_solutions() -> None:
 
 def test_max_new_tokens_override() -> None:
     assert get_task("arithmetic", num_train=2, num_test=1, max_new_tokens=32).max_new_tokens == 32
+
+
+def test_arithmetic_flawed_solution_drops_the_minus_sign_only() -> None:
+    rows = get_task("arithmetic", num_train=300, num_test=0).train
+    negative = [r for r in rows if r["answer"].startswith("-")]
+    assert negative and all(r["flawed_solution"] == r["answer"][1:] for r in negative)
+    assert all(r["flawed_solution"] == r["solution"] for r in rows if not r["answer"].startswith("-"))
+    assert {r["flawed_solution"] for r in negative} <= {str(abs(r["a"] - r["b"])) for r in negative}

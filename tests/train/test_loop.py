@@ -86,6 +86,14 @@ def test_resumed_run_matches_an_uninterrupted_one(out_dir, algorithm):
     assert resumed.final_eval == full.final_eval
 
 
+def test_resuming_a_finished_run_changes_nothing(out_dir):
+    done = train(_config(out_dir, "finished", "algorithm=grpo"))
+    metrics = (done.run_dir / "metrics.jsonl").read_text()
+    again = train(_config(out_dir, "finished", "algorithm=grpo"), resume=True)
+    assert (done.run_dir / "metrics.jsonl").read_text() == metrics  # no second final-eval line
+    assert again.final_eval == done.final_eval and again.checkpoint == done.checkpoint
+
+
 def test_resume_without_checkpoint_is_a_clear_error(out_dir):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(_config(out_dir, "never-ran"), resume=True)

@@ -6,7 +6,13 @@ fields that the task's reward functions read. Generation is deterministic in ``s
 is drawn first, so it depends only on ``seed``, ``num_test`` and the options (not on ``num_train``),
 and no prompt appears in both splits.
 
-- ``arithmetic`` (default): ``"23+58="`` -> ``"81"``; reward ``arithmetic_exact``.
+Rows may also carry ``flawed_solution``: what a sloppy demonstrator writes instead, so a warm-start
+can imitate imperfect demonstrations and leave RL a systematic error to correct (see
+``WarmStartConfig.flawed_fraction``).
+
+- ``arithmetic`` (default): ``"13+8="`` -> ``"21"``, operands 0..20; reward ``arithmetic_exact``.
+  Its flawed demonstrator forgets the minus sign of a negative difference (``"5-12="`` -> ``"7"``);
+  its sums and non-negative differences are right.
 - ``countdown``: ``"nums 3 5 7 target 22:"`` -> ``"3*5+7"``; reward ``countdown``.
 - ``math``: templated word problems and equations -> ``"7"``, ``"x = 7"``, ``"1/2"``; reward
   ``math_verify``.
@@ -90,6 +96,7 @@ def _arithmetic_row(rng: random.Random, options: Options) -> Row:
         "prompt": f"{a}{op}{b}=",
         "answer": answer,
         "solution": answer,
+        "flawed_solution": answer.lstrip("-"),
         "a": a,
         "b": b,
         "op": op,
@@ -309,8 +316,8 @@ def _validate_math(options: Options) -> None:
 
 TASKS: dict[str, _TaskDefinition] = {
     "arithmetic": _TaskDefinition(
-        description="Two-operand integer arithmetic such as '23+58=' -> '81' (answers may be negative).",
-        defaults={"min_operand": 0, "max_operand": 99, "ops": "+-"},
+        description="Two-operand integer arithmetic such as '13+8=' -> '21' (answers may be negative).",
+        defaults={"min_operand": 0, "max_operand": 20, "ops": "+-"},
         sample=_arithmetic_row,
         rewards=("arithmetic_exact",),
         max_new_tokens=_arithmetic_max_new_tokens,
@@ -389,7 +396,7 @@ def _distinct_rows(
 
 
 def get_task(
-    name: str = DEFAULT_TASK, *, seed: int = 0, num_train: int = 2000, num_test: int = 200, **options: Any
+    name: str = DEFAULT_TASK, *, seed: int = 0, num_train: int = 600, num_test: int = 200, **options: Any
 ) -> Task:
     """Build a built-in task deterministically from ``seed``; train and test prompts are disjoint.
 

@@ -52,7 +52,9 @@ class DataConfig(Section):
     path: str | None = Field(None, description="JSONL / Parquet / CSV file or saved HF dataset folder")
     test_path: str | None = None
     prompt_field: str = "prompt"
-    num_train: int = Field(4000, ge=1)
+    num_train: int = Field(
+        680, ge=1, description="the default arithmetic task has 882 prompts: 200 held out, 680 to train on"
+    )
     num_test: int = Field(200, ge=1)
     max_new_tokens: int | None = Field(None, ge=1, description="None = the task's default")
     reward_fns: list[RewardFnConfig] = Field(default_factory=list, description="empty = task default")
@@ -82,8 +84,8 @@ class AlgorithmOverrides(Section):
 
 
 class OptimConfig(Section):
-    steps: int = Field(60, ge=1)
-    lr: float = Field(1e-5, gt=0.0)
+    steps: int = Field(100, ge=1)
+    lr: float = Field(1e-4, gt=0.0, description="1e-4 suits the embedded 1M-parameter model; ~1e-6 for LLMs")
     critic_lr: float = Field(5e-4, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
     epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
@@ -102,9 +104,19 @@ class OptimConfig(Section):
 class WarmStartConfig(Section):
     """Supervised warm-start on the task's solutions (used for the embedded tiny model)."""
 
-    steps: int = Field(1000, ge=0, description="0 = no warm-start; ignored when model.path is set")
+    steps: int = Field(1500, ge=0, description="0 = no warm-start; ignored when model.path is set")
     lr: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(64, ge=1)
+    flawed_fraction: float = Field(
+        0.8,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "share of demonstrations taken from a row's `flawed_solution` when it has one (arithmetic: "
+            "a negative difference without its minus sign), so the warm-started model has a systematic error for RL to fix; "
+            "0 = imitate only correct solutions"
+        ),
+    )
 
 
 class EvalConfig(Section):

@@ -112,6 +112,14 @@ def _restore(state: TrainState, checkpoint: Path) -> None:
         state.policy.load_state_dict(trainable, strict=False)
 
 
+def _logged_final_eval(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """The final eval already logged at ``step`` (a finished run), else None."""
+    for row in read_metrics(run_dir / "metrics.jsonl"):
+        if row.get("final") and row.get("step") == step:
+            return {k: v for k, v in row.items() if k.startswith("eval_")}
+    return None
+
+
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Run RL training as configured. With ``resume``, continue ``runs/<name>`` from its last checkpoint."""
     cfg = config
@@ -154,12 +162,17 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
             every = cfg.logging.checkpoint_every
             if every and state.step % every == 0 and state.step < cfg.optim.steps:
                 _checkpoint(state, run_dir, model_path)
-    final = _run_eval(state, task)
-    logger.log_metrics(state.step, {k: v for k, v in final.items() if k != "samples"} | {"final": 1.0})
-    logger.log_samples(
-        state.step, [dict(s, split="test") for s in final["samples"][: cfg.logging.num_samples]]
-    )
-    last = _checkpoint(state, run_dir, model_path)
+    # a resumed run that had already finished keeps its final eval and checkpoint (no duplicate lines)
+    final = _logged_final_eval(run_dir, state.step) if checkpoint is not None else None
+    if final is None:
+        final = _run_eval(state, task)
+        logger.log_metrics(state.step, {k: v for k, v in final.items() if k != "samples"} | {"final": 1.0})
+        logger.log_samples(
+            state.step, [dict(s, split="test") for s in final["samples"][: cfg.logging.num_samples]]
+        )
+        last = _checkpoint(state, run_dir, model_path)
+    else:
+        last = checkpoint
     logger.close()
 
     history = read_metrics(run_dir / "metrics.jsonl")

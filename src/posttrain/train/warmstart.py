@@ -1,4 +1,4 @@
-"""Supervised warm-start: teach a fresh tiny model the task's answer format before RL."""
+"""Supervised warm-start: teach a fresh tiny model the task before RL, from (possibly flawed) demonstrations."""
 
 from __future__ import annotations
 
@@ -39,10 +39,27 @@ def supervised_batch(tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[torch.
     return input_ids, attention_mask, loss_mask
 
 
+def demonstration(row: dict[str, Any], rng: random.Random, flawed_fraction: float) -> dict[str, Any]:
+    """``row`` with its ``solution`` replaced by ``flawed_solution`` with probability ``flawed_fraction``.
+
+    Rows without a ``flawed_solution`` are returned unchanged (and draw no random number).
+    """
+    if "flawed_solution" not in row:
+        return row
+    if rng.random() < flawed_fraction:
+        return {**row, "solution": row["flawed_solution"]}
+    return row
+
+
 def warm_start(
     base_path: Path, out_dir: Path, task: Task, settings: Any, *, seed: int, progress: bool = True
 ) -> Path:
-    """Fine-tune ``base_path`` on ``task.train`` solutions for ``settings.steps`` steps (cached)."""
+    """Fine-tune ``base_path`` on ``task.train`` demonstrations for ``settings.steps`` steps (cached).
+
+    A share ``settings.flawed_fraction`` of the demonstrations comes from the rows' flawed
+    solutions, when the task has them: imitation then learns the flaw, and RL against the
+    verifier has something to correct.
+    """
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
         return out_dir
@@ -55,7 +72,10 @@ def warm_start(
     bar = TrainProgress(settings.steps, enabled=progress, fields=(("sft_loss", "warm-start loss"),))
     bar.start()
     for step in range(settings.steps):
-        batch_rows = rng.sample(rows, min(settings.batch_size, len(rows)))
+        batch_rows = [
+            demonstration(row, rng, settings.flawed_fraction)
+            for row in rng.sample(rows, min(settings.batch_size, len(rows)))
+        ]
         input_ids, attention_mask, loss_mask = supervised_batch(tokenizer, batch_rows)
         logprobs, _ = token_logprobs(model, input_ids, attention_mask)
         loss = -masked_mean(logprobs, loss_mask)
