@@ -70,7 +70,9 @@ def test_flawed_demonstrations_teach_the_flaw_and_the_result_is_cached(tiny_mode
     negatives = [row["prompt"] for row in task.test if row["answer"].startswith("-")]
 
     def run(fraction: float):
-        settings = SimpleNamespace(steps=60, lr=3e-3, batch_size=32, flawed_fraction=fraction)
+        settings = SimpleNamespace(
+            steps=60, lr=3e-3, weight_decay=0.0, batch_size=32, flawed_fraction=fraction
+        )
         return warm_start(
             tiny_model_dir, tmp_path / f"warm-{fraction}", task, settings, seed=0, progress=False
         )

@@ -106,6 +106,7 @@ class WarmStartConfig(Section):
 
     steps: int = Field(1500, ge=0, description="0 = no warm-start; ignored when model.path is set")
     lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW's decoupled weight decay")
     batch_size: int = Field(64, ge=1)
     flawed_fraction: float = Field(
         0.8,

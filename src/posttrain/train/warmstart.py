@@ -66,7 +66,7 @@ def warm_start(
     torch.manual_seed(seed)
     model, tokenizer = load_policy(base_path)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     rng = random.Random(seed)
     rows = list(task.train)
     bar = TrainProgress(settings.steps, enabled=progress, fields=(("sft_loss", "warm-start loss"),))
