@@ -170,12 +170,20 @@ def test_countdown_prompt_format() -> None:
     assert row["prompt"] == f"nums {' '.join(map(str, row['nums']))} target {row['target']}:"
 
 
-def test_arithmetic_default_is_operands_to_20_plus_minus_with_negatives() -> None:
-    task = get_task()
-    assert {row["op"] for row in task.train} == {"+", "-"}
-    assert max(max(row["a"], row["b"]) for row in task.train) == 20
-    assert any(row["answer"].startswith("-") for row in task.train)
+def test_arithmetic_default_is_differences_of_operands_to_29_half_of_them_negative() -> None:
+    task = get_task(num_train=680, num_test=200)  # the demo's split of the 900 distinct prompts
+    rows = task.train + task.test
+    assert {row["op"] for row in rows} == {"-"}
+    assert max(max(row["a"], row["b"]) for row in rows) == 29
+    negative = sum(row["answer"].startswith("-") for row in task.test) / len(task.test)
+    assert 0.4 < negative < 0.6  # 435 of the 900 differences are negative
     assert task.reward_fns == [RewardSpec("arithmetic_exact")]
+    with pytest.raises(ValueError, match="found only 900 distinct prompts"):
+        get_task(num_train=701, num_test=200)
+
+
+def test_arithmetic_tokenizer_alphabet_covers_every_operator() -> None:
+    assert set("+-*=0123456789") == set(corpus("arithmetic")) == set(corpus("arithmetic", ops="+"))
 
 
 def test_corpus_covers_every_character() -> None:

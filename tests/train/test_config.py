@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from posttrain.train.config import ConfigError, TrainConfig, load_config, parse_overrides
 
@@ -43,6 +44,16 @@ def test_yaml_file_then_overrides(tmp_path):
             "num_mini_batches",
         ),
         (["algo.kl_placement=everywhere"], r"algo\.kl_placement"),
+        (["optim.lr_schedule=step"], r"optim\.lr_schedule: .*'constant', 'linear' or 'cosine'"),
+        (
+            ["rollout.batch_size=30", "rollout.group_size=8"],
+            r"rollout\.batch_size \(30\) must be a multiple of rollout\.group_size \(8\).*use 24 or 32",
+        ),
+        (["rollout.batch_size=4", "rollout.group_size=8"], r"use 8, or change group_size"),
+        (
+            ["rollout.batch_size=64", "rollout.group_size=8", "rollout.prompts_per_step=4"],
+            r"rollout\.prompts_per_step \(4\) disagrees with rollout\.batch_size",
+        ),
     ],
 )
 def test_bad_configs_fail_before_any_work_naming_key_and_allowed_values(overrides, expected):
@@ -59,3 +70,12 @@ def test_missing_config_file_and_malformed_set(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["rollout.group_size"])
+
+
+def test_batch_size_sets_prompts_per_step_and_survives_a_round_trip(tmp_path):
+    config = load_config(None, ["rollout.batch_size=48", "rollout.group_size=4"])
+    assert (config.rollout.prompts_per_step, config.rollout.batch_size) == (12, 48)
+    path = tmp_path / "config.yaml"  # what a run writes and --resume reads back
+    path.write_text(yaml.safe_dump(config.model_dump()))
+    assert load_config(path).rollout.prompts_per_step == 12
+    assert load_config(None, ["rollout.prompts_per_step=5"]).rollout.batch_size is None

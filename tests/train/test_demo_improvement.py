@@ -1,8 +1,9 @@
 """The embedded default learns: a shortened `make demo` (same warm-start, 20 RL steps) for ppo and grpo.
 
 The full-length evidence over two seeds is ``benchmarks/demo_improvement.py`` (README). Here one
-seed and a fifth of the RL steps must already fix part of the warm-started model's systematic
-error (negative differences written without their minus sign) on held-out prompts.
+seed and a fifth of the RL steps must already fix most of the warm-started model's systematic
+error (negative differences written without their minus sign, half of the held-out prompts), which
+the 100-step runs fix for a gain of 35-40 points.
 """
 
 import pytest
@@ -41,14 +42,14 @@ def test_rl_improves_held_out_accuracy_of_the_embedded_default(out_dir, algorith
     )
     result = train(config)
     before, after = result.initial_eval["eval_accuracy"], result.final_eval["eval_accuracy"]
-    assert after >= before + 0.08, (before, after)
+    assert after >= before + 0.2, (before, after)
     # the gain is the flaw being fixed: held-out negative differences, before and after
     task = build_task(config)
     negatives = [row for row in task.test if row["answer"].startswith("-")]
     warm = embedded_model_path(config, task)
     negatives_before = _greedy_accuracy(warm, negatives, task)
     assert negatives_before < 0.3
-    assert _greedy_accuracy(result.checkpoint / "policy", negatives, task) > negatives_before + 0.2
+    assert _greedy_accuracy(result.checkpoint / "policy", negatives, task) > negatives_before + 0.4
 
 
 def _greedy_accuracy(model_dir, rows, task):

@@ -10,9 +10,10 @@ Rows may also carry ``flawed_solution``: what a sloppy demonstrator writes inste
 can imitate imperfect demonstrations and leave RL a systematic error to correct (see
 ``WarmStartConfig.flawed_fraction``).
 
-- ``arithmetic`` (default): ``"13+8="`` -> ``"21"``, operands 0..20; reward ``arithmetic_exact``.
-  Its flawed demonstrator forgets the minus sign of a negative difference (``"5-12="`` -> ``"7"``);
-  its sums and non-negative differences are right.
+- ``arithmetic`` (default): ``"5-12="`` -> ``"-7"``; by default differences of operands 0..29 (half
+  the answers are negative); ``ops="+-*"`` adds sums and products. Reward ``arithmetic_exact``.
+  Its flawed demonstrator forgets the minus sign of a negative answer (``"5-12="`` -> ``"7"``);
+  every other answer it writes is right.
 - ``countdown``: ``"nums 3 5 7 target 22:"`` -> ``"3*5+7"``; reward ``countdown``.
 - ``math``: templated word problems and equations -> ``"7"``, ``"x = 7"``, ``"1/2"``; reward
   ``math_verify``.
@@ -112,7 +113,8 @@ def _arithmetic_max_new_tokens(options: Options) -> int:
 
 
 def _arithmetic_alphabet(options: Options) -> str:
-    return string.digits + "-=" + options["ops"]
+    # every operator, whatever `ops` says, so one tokenizer serves each variant of the task
+    return string.digits + "+-*="
 
 
 # ---------------------------------------------------------------- countdown
@@ -316,8 +318,8 @@ def _validate_math(options: Options) -> None:
 
 TASKS: dict[str, _TaskDefinition] = {
     "arithmetic": _TaskDefinition(
-        description="Two-operand integer arithmetic such as '13+8=' -> '21' (answers may be negative).",
-        defaults={"min_operand": 0, "max_operand": 20, "ops": "+-"},
+        description="Two-operand integer arithmetic such as '5-12=' -> '-7' (subtraction by default).",
+        defaults={"min_operand": 0, "max_operand": 29, "ops": "-"},
         sample=_arithmetic_row,
         rewards=("arithmetic_exact",),
         max_new_tokens=_arithmetic_max_new_tokens,

@@ -53,7 +53,7 @@ class DataConfig(Section):
     test_path: str | None = None
     prompt_field: str = "prompt"
     num_train: int = Field(
-        680, ge=1, description="the default arithmetic task has 882 prompts: 200 held out, 680 to train on"
+        680, ge=1, description="the default arithmetic task has 900 prompts: 200 held out, 680 to train on"
     )
     num_test: int = Field(200, ge=1)
     max_new_tokens: int | None = Field(None, ge=1, description="None = the task's default")
@@ -62,7 +62,13 @@ class DataConfig(Section):
 
 class RolloutConfig(Section):
     prompts_per_step: int = Field(32, ge=1)
-    group_size: int = Field(8, ge=1)
+    group_size: int = Field(8, ge=1, description="completions per prompt")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="completions per step (TRL's generation batch size); when set, "
+        "prompts_per_step = batch_size / group_size",
+    )
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
@@ -87,7 +93,10 @@ class OptimConfig(Section):
     steps: int = Field(100, ge=1)
     lr: float = Field(1e-4, gt=0.0, description="1e-4 suits the embedded 1M-parameter model; ~1e-6 for LLMs")
     critic_lr: float = Field(5e-4, gt=0.0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up from 0")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="after warm-up: hold, or decay to 0 at the last step (linear or cosine)"
+    )
     epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
     num_mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch")
     micro_batch_size: int = Field(64, ge=1, description="rows per forward/backward (accumulated)")
@@ -114,7 +123,7 @@ class WarmStartConfig(Section):
         le=1.0,
         description=(
             "share of demonstrations taken from a row's `flawed_solution` when it has one (arithmetic: "
-            "a negative difference without its minus sign), so the warm-started model has a systematic error for RL to fix; "
+            "a negative answer without its minus sign), so the warm-started model has a systematic error for RL to fix; "
             "0 = imitate only correct solutions"
         ),
     )
@@ -174,6 +183,7 @@ class TrainConfig(Section):
                 f"rollout.group_size must be >= 2 for {self.algorithm!r} (a group baseline needs "
                 "several samples per prompt); got 1"
             )
+        self._resolve_batch_size()
         rows = self.rollout.prompts_per_step * self.rollout.group_size
         if self.optim.num_mini_batches > rows:
             raise ValueError(
@@ -181,6 +191,25 @@ class TrainConfig(Section):
                 f"(rollout.prompts_per_step * rollout.group_size = {rows})"
             )
         return self
+
+    def _resolve_batch_size(self) -> None:
+        rollout = self.rollout
+        if rollout.batch_size is None:
+            return
+        size, group = rollout.batch_size, rollout.group_size
+        if size % group:
+            nearest = sorted({max(group, size - size % group), size - size % group + group})
+            raise ValueError(
+                f"rollout.batch_size ({size}) must be a multiple of rollout.group_size ({group}) so "
+                f"that every prompt gets a full group; use {' or '.join(map(str, nearest))}, or change "
+                "group_size"
+            )
+        if "prompts_per_step" in rollout.model_fields_set and rollout.prompts_per_step != size // group:
+            raise ValueError(
+                f"rollout.prompts_per_step ({rollout.prompts_per_step}) disagrees with rollout.batch_size "
+                f"/ rollout.group_size ({size} / {group}); set only one of prompts_per_step and batch_size"
+            )
+        rollout.prompts_per_step = size // group
 
     def preset(self) -> AlgorithmPreset:
         """The algorithm preset with this config's overrides applied."""
@@ -226,6 +255,8 @@ def format_validation_error(error: ValidationError) -> str:
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"]
+        if item["type"] == "value_error" and "error" in item.get("ctx", {}):
+            message = str(item["ctx"]["error"])  # our own message, without pydantic's prefix
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; see `posttrain train --print-config`)"
         lines.append(f"  {key}: {message}")

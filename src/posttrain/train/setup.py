@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import get_scheduler
 
 from posttrain.algorithms.kl import AdaptiveKLController, FixedKLController
 from posttrain.data.datasets import load_rows, task_from_rows
@@ -71,20 +72,20 @@ def resolve_rewards(task: Task) -> list[tuple[str, Any, float]]:
 
 
 def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
-    """Build (once, cached) the tiny Llama and warm-start it on the task's solutions."""
-    settings = {
-        "task": task.name,
-        "hidden": cfg.model.tiny_hidden_size,
-        "layers": cfg.model.tiny_layers,
-        "seed": cfg.run.seed,
-        "warmstart": cfg.warmstart.model_dump(),
-        "num_train": cfg.data.num_train,
-        "task_options": cfg.data.task_options,
-    }
-    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    """Build (once, cached) the tiny Llama and warm-start it on the task's solutions.
+
+    The caches are keyed by everything that shapes them: the data (the tokenizer is trained on its
+    texts), the model size and seed, and, for the warm-start, its settings.
+    """
+    data = cfg.data.model_dump(
+        include={"task", "task_options", "path", "test_path", "prompt_field", "num_train", "num_test"}
+    )
+    base_key = _short_hash(data)
+    warm_key = _short_hash({"data": data, "seed": cfg.run.seed, "warmstart": cfg.warmstart.model_dump()})
     cache = Path(cfg.run.output_dir) / ".cache"
+    size = f"h{cfg.model.tiny_hidden_size}-l{cfg.model.tiny_layers}"
     base = build_tiny_model(
-        cache / f"tiny-{task.name}-h{cfg.model.tiny_hidden_size}-l{cfg.model.tiny_layers}-s{cfg.run.seed}",
+        cache / f"tiny-{task.name}-{base_key}-{size}-s{cfg.run.seed}",
         task_corpus(task),
         hidden_size=cfg.model.tiny_hidden_size,
         num_layers=cfg.model.tiny_layers,
@@ -93,8 +94,32 @@ def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
     if cfg.warmstart.steps == 0 or not all("solution" in row for row in task.train):
         return base  # nothing to imitate: a dataset without solutions starts RL from the fresh model
     return warm_start(
-        base, cache / f"warm-{key}", task, cfg.warmstart, seed=cfg.run.seed, progress=cfg.logging.progress
+        base,
+        cache / f"warm-{size}-{warm_key}",
+        task,
+        cfg.warmstart,
+        seed=cfg.run.seed,
+        progress=cfg.logging.progress,
     )
+
+
+_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' scheduler: linear warm-up from 0 over ``warmup_steps``, then ``schedule``
+    ("constant", or "linear" / "cosine" decay reaching 0 after ``total_steps``)."""
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {sorted(_SCHEDULES)}, got {schedule!r}")
+    return get_scheduler(
+        _SCHEDULES[schedule], optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps
+    )
+
+
+def _short_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def build_state(
@@ -120,16 +145,11 @@ def build_state(
     policy_optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=optim.lr, weight_decay=optim.weight_decay
     )
-    warmup = max(optim.warmup_steps, 0)
-
-    def schedule(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) if warmup else 1.0
-
-    policy_scheduler = torch.optim.lr_scheduler.LambdaLR(policy_optimizer, schedule)
+    policy_scheduler = lr_scheduler(policy_optimizer, optim.lr_schedule, optim.warmup_steps, optim.steps)
     critic_optimizer = critic_scheduler = None
     if critic is not None:
         critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=optim.critic_lr)
-        critic_scheduler = torch.optim.lr_scheduler.LambdaLR(critic_optimizer, schedule)
+        critic_scheduler = lr_scheduler(critic_optimizer, optim.lr_schedule, optim.warmup_steps, optim.steps)
     kl_controller: FixedKLController | AdaptiveKLController | None = None
     if needs_reference:
         kl_controller = (

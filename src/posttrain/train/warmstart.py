@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import get_scheduler
 
 from posttrain.algorithms.masked import masked_mean
 from posttrain.data.tasks import Task
@@ -67,6 +68,8 @@ def warm_start(
     model, tokenizer = load_policy(base_path)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    # cosine decay keeps the short stage stable
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=settings.steps)
     rng = random.Random(seed)
     rows = list(task.train)
     bar = TrainProgress(settings.steps, enabled=progress, fields=(("sft_loss", "warm-start loss"),))
@@ -81,12 +84,8 @@ def warm_start(
         loss = -masked_mean(logprobs, loss_mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        # cosine decay keeps the short stage stable
-        for group in optimizer.param_groups:
-            group["lr"] = (
-                settings.lr * 0.5 * (1 + torch.cos(torch.tensor(step / settings.steps * 3.14159)).item())
-            )
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update(step + 1, {"sft_loss": loss.item()})
     bar.stop()
