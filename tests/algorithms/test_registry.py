@@ -173,7 +173,9 @@ def test_built_in_policy_loss_rejects_a_misspelt_clip() -> None:
         "advantages": torch.ones(1, 3),
         "loss_mask": torch.ones(1, 3),
     }
-    with pytest.raises(TypeError, match=r"policy loss 'ppo_clip' got unknown hyper-parameter\(s\) \['clip_lo'\]"):
+    with pytest.raises(
+        TypeError, match=r"policy loss 'ppo_clip' got unknown hyper-parameter\(s\) \['clip_lo'\]"
+    ):
         POLICY_LOSSES.call("ppo_clip", data, {"clip_lo": 0.1})
     loss, metrics = POLICY_LOSSES.call("ppo_clip", data, {"clip_low": 0.1})
     # on-policy, A = 1: loss = -r A = -1 on every token

@@ -44,6 +44,11 @@ def test_yaml_file_then_overrides(tmp_path):
             "num_mini_batches",
         ),
         (["algo.kl_placement=everywhere"], r"algo\.kl_placement"),
+        (["algorithm=ppo", "algo.kl_importance_ratio=true"], r"also set algo\.kl_placement=loss"),
+        (
+            ["algorithm=ppo", "optim.steps=5", "optim.critic_warmup_steps=5"],
+            r"optim\.critic_warmup_steps \(5\) must be below optim\.steps \(5\)",
+        ),
         (["optim.lr_schedule=step"], r"optim\.lr_schedule: .*'constant', 'linear' or 'cosine'"),
         (
             ["rollout.batch_size=30", "rollout.group_size=8"],

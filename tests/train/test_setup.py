@@ -127,8 +127,12 @@ def test_build_task_from_a_user_jsonl(tmp_path: Path) -> None:
 
 
 def test_build_task_from_user_files_with_a_test_path_and_budget(tmp_path: Path) -> None:
-    train = _write_rows(tmp_path / "train.jsonl", [{"prompt": f"{i}+2=", "target": str(i + 2)} for i in range(5)])
-    test = _write_rows(tmp_path / "test.jsonl", [{"prompt": f"{i}+3=", "target": str(i + 3)} for i in range(4)])
+    train = _write_rows(
+        tmp_path / "train.jsonl", [{"prompt": f"{i}+2=", "target": str(i + 2)} for i in range(5)]
+    )
+    test = _write_rows(
+        tmp_path / "test.jsonl", [{"prompt": f"{i}+3=", "target": str(i + 3)} for i in range(4)]
+    )
     rewards = _reward_file(tmp_path)
     cfg = _config(
         tmp_path,
@@ -201,9 +205,13 @@ def test_warm_start_is_cached_and_keyed_by_its_settings(base) -> None:
 
 
 def test_dataset_without_solutions_skips_the_warm_start(tmp_path: Path) -> None:
-    data = _write_rows(tmp_path / "plain.jsonl", [{"prompt": f"{i}+1=", "target": str(i + 1)} for i in range(6)])
+    data = _write_rows(
+        tmp_path / "plain.jsonl", [{"prompt": f"{i}+1=", "target": str(i + 1)} for i in range(6)]
+    )
     rewards = _reward_file(tmp_path)
-    cfg = _config(tmp_path, f"data.path={data}", "warmstart.steps=5", f"data.reward_fns=[{{fn: '{rewards}:exact'}}]")
+    cfg = _config(
+        tmp_path, f"data.path={data}", "warmstart.steps=5", f"data.reward_fns=[{{fn: '{rewards}:exact'}}]"
+    )
     task = build_task(cfg)
     path = embedded_model_path(cfg, task)
     assert path.name.startswith("tiny-plain-")
@@ -293,7 +301,9 @@ def test_reference_is_a_frozen_copy_of_the_starting_model(base) -> None:
 
 
 def test_optimizers_hold_exactly_the_trainable_parameters(base) -> None:
-    _, state = _state(base, "algorithm=ppo", "optim.lr=0.003", "optim.critic_lr=0.02", "optim.weight_decay=0.1")
+    _, state = _state(
+        base, "algorithm=ppo", "optim.lr=0.003", "optim.critic_lr=0.02", "optim.weight_decay=0.1"
+    )
     [group] = state.policy_optimizer.param_groups
     assert {id(p) for p in group["params"]} == {id(p) for p in state.policy.parameters()}
     assert group["lr"] == 0.003 and group["weight_decay"] == 0.1
@@ -363,7 +373,9 @@ def test_resume_paths_load_policy_and_critic_but_reference_stays_the_start(base,
     _, state = _state(base, "algorithm=ppo", policy_path=tmp_path / "policy", critic_path=tmp_path / "critic")
     torch.testing.assert_close(state.policy.model.embed_tokens.weight, model.model.embed_tokens.weight)
     start, _ = load_policy(path)
-    torch.testing.assert_close(state.reference.model.model.embed_tokens.weight, start.model.embed_tokens.weight)
+    torch.testing.assert_close(
+        state.reference.model.model.embed_tokens.weight, start.model.embed_tokens.weight
+    )
     assert (state.critic.value_head.weight == 0.25).all() and (state.critic.value_head.bias == -1.5).all()
 
 

@@ -28,6 +28,8 @@ class AlgorithmPreset:
     kl_estimator: str = "k3"
     kl_placement: KLPlacement = "none"
     kl_coef: float = 0.0
+    # KL in the loss weighted by sg(pi_theta / pi_old): unbiased off-policy (DeepSeek-V3.2)
+    kl_importance_ratio: bool = False
     uses_critic: bool = False
     dynamic_sampling: bool = False
     overlong_shaping: bool = False

@@ -116,4 +116,5 @@ def mini_batches(num_rows: int, num_mini_batches: int, generator: torch.Generato
     if not 1 <= num_mini_batches <= num_rows:
         raise ValueError(f"num_mini_batches must be in [1, {num_rows}], got {num_mini_batches}")
     order = torch.randperm(num_rows, generator=generator)
-    return [chunk for chunk in order.chunk(num_mini_batches) if len(chunk)]
+    # tensor_split, unlike chunk, always gives exactly num_mini_batches parts (sizes differ by <= 1)
+    return list(torch.tensor_split(order, num_mini_batches))

@@ -69,6 +69,7 @@ def logprobs_from_logits(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Aligned token logprobs (and entropies) from logits.
 
@@ -77,6 +78,7 @@ def logprobs_from_logits(
     ``logprobs[:, t] = z[input_ids[:, t]] - logsumexp(z)`` and
     ``entropy[:, t] = logsumexp(z) - sum_v softmax(z)_v z_v``. Both float32 ``[batch, time]``.
     The gather - logsumexp form avoids keeping a full ``log_softmax`` tensor for the logprobs.
+    ``entropy_grad=False`` computes the entropy as a metric only, keeping no graph for it.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
@@ -86,8 +88,11 @@ def logprobs_from_logits(
     logprobs = shift_to_tokens(chosen - log_normaliser, attention_mask)
     if not with_entropy:
         return logprobs, None
-    expected_logit = (torch.softmax(scaled, dim=-1) * scaled).sum(dim=-1)
-    entropy = shift_to_tokens(log_normaliser - expected_logit, attention_mask)
+    source, normaliser = (
+        (scaled, log_normaliser) if entropy_grad else (scaled.detach(), log_normaliser.detach())
+    )
+    expected_logit = (torch.softmax(source, dim=-1) * source).sum(dim=-1)
+    entropy = shift_to_tokens(normaliser - expected_logit, attention_mask)
     return logprobs, entropy
 
 
@@ -98,6 +103,7 @@ def token_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token log pi(token_t | tokens_<t) of ``model`` (and optionally the entropy of that distribution).
 
@@ -109,5 +115,10 @@ def token_logprobs(
         raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
     logits = causal_lm_logits(model, input_ids, attention_mask)
     return logprobs_from_logits(
-        logits, input_ids, attention_mask, temperature=temperature, with_entropy=with_entropy
+        logits,
+        input_ids,
+        attention_mask,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        entropy_grad=entropy_grad,
     )

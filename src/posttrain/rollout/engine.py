@@ -54,7 +54,12 @@ class Completion:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """Anything that samples completions from the current policy."""
+    """Anything that samples completions from the current policy.
+
+    An engine may set ``logprobs_match_policy = True`` when its log-probs are computed by the
+    training forward pass (``models.forward.token_logprobs``) on the current weights; the trainer
+    then uses them as ``old_logprobs`` instead of recomputing them.
+    """
 
     def generate(
         self, prompt_ids: list[list[int]], params: SamplingParams, *, seed: int | None = None

@@ -81,6 +81,9 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 class HFRolloutEngine:
     """``RolloutEngine`` backed by ``model.generate``; shares the policy object, so no weight copy."""
 
+    # its log-probs come from the training forward on the very weights being trained
+    logprobs_match_policy = True
+
     def __init__(self, model: nn.Module, tokenizer: Any, *, batch_size: int = 64) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token: call models.load.ensure_pad_token(tokenizer) first")

@@ -72,6 +72,11 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
+    reuse_logprobs: bool = Field(
+        True,
+        description="use the engine's log-probs as old_logprobs when it computes them with the "
+        "training forward on the current weights (the HF engine); False recomputes them",
+    )
 
 
 class AlgorithmOverrides(Section):
@@ -84,6 +89,9 @@ class AlgorithmOverrides(Section):
     kl_estimator: str | None = None
     kl_placement: Literal["reward", "loss", "none"] | None = None
     kl_coef: float | None = Field(None, ge=0.0)
+    kl_importance_ratio: bool | None = Field(
+        None, description="weight the KL in the loss by sg(pi_theta / pi_old), unbiased off-policy"
+    )
     aggregation: str | None = None
     dynamic_sampling: bool | None = None
     overlong_shaping: bool | None = None
@@ -178,6 +186,16 @@ class TrainConfig(Section):
         for reg, name, key in checks:
             if name not in reg:
                 raise ValueError(f"{key}: unknown {reg.kind} {name!r}; allowed: {reg.names()}")
+        if preset.kl_importance_ratio and preset.kl_placement != "loss":
+            raise ValueError(
+                f"algo.kl_importance_ratio weights the KL in the loss, but {self.algorithm!r} places it "
+                f"in {preset.kl_placement!r}; also set algo.kl_placement=loss"
+            )
+        if preset.uses_critic and self.optim.critic_warmup_steps >= self.optim.steps:
+            raise ValueError(
+                f"optim.critic_warmup_steps ({self.optim.critic_warmup_steps}) must be below optim.steps "
+                f"({self.optim.steps}), or the policy never trains"
+            )
         if not preset.uses_critic and self.rollout.group_size < 2:
             raise ValueError(
                 f"rollout.group_size must be >= 2 for {self.algorithm!r} (a group baseline needs "

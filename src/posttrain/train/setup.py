@@ -145,7 +145,11 @@ def build_state(
     policy_optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=optim.lr, weight_decay=optim.weight_decay
     )
-    policy_scheduler = lr_scheduler(policy_optimizer, optim.lr_schedule, optim.warmup_steps, optim.steps)
+    # the policy waits out the critic warm-up, so its schedule spans the remaining steps
+    policy_steps = optim.steps - (optim.critic_warmup_steps if critic is not None else 0)
+    policy_scheduler = lr_scheduler(
+        policy_optimizer, optim.lr_schedule, optim.warmup_steps, max(policy_steps, 1)
+    )
     critic_optimizer = critic_scheduler = None
     if critic is not None:
         critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=optim.critic_lr)

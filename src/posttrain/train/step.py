@@ -145,27 +145,32 @@ def shape_rewards(state: TrainState, episodes: list[Episode]) -> tuple[list[Epis
 
 
 @torch.no_grad()
-def fill_old_ref_values(state: TrainState, batch: Batch, temperature: float) -> dict[str, float]:
-    """old_logprobs (policy before the update), ref_logprobs (for KL) and values (critic)."""
+def fill_old_ref_values(state: TrainState, batch: Batch, temperature: float) -> None:
+    """old_logprobs (policy before the update), ref_logprobs (for KL) and values (critic).
+
+    An engine whose log-probs come from the training forward on the current weights (the HF
+    engine: ``logprobs_match_policy``) already gave the old log-probs; they are reused unless
+    ``rollout.reuse_logprobs`` is off, saving one policy forward pass per step.
+    """
+    reuse = state.config.rollout.reuse_logprobs and getattr(state.engine, "logprobs_match_policy", False)
     micro = state.config.optim.micro_batch_size
-    old, ref, values, entropy = [], [], [], []
+    width = batch.input_ids.shape[1]
+    old, ref, values = [], [], []
     for rows in torch.arange(len(batch)).split(micro):
         part = batch.select(rows)
-        width = batch.input_ids.shape[1]
-        logp, ent = token_logprobs(
-            state.policy, part.input_ids, part.attention_mask, temperature=temperature, with_entropy=True
-        )
-        old.append(_pad_to(logp, width))
-        entropy.append(_pad_to(ent if ent is not None else torch.zeros_like(logp), width))
+        if not reuse:
+            logp, _ = token_logprobs(
+                state.policy, part.input_ids, part.attention_mask, temperature=temperature
+            )
+            old.append(_pad_to(logp, width))
         if state.reference is not None:
             ref_logp = state.reference.logprobs(part.input_ids, part.attention_mask, temperature=temperature)
             ref.append(_pad_to(ref_logp, width))
         if state.critic is not None:
             values.append(_pad_to(state.critic(part.input_ids, part.attention_mask), width))
-    batch.old_logprobs = torch.cat(old)
+    batch.old_logprobs = batch.rollout_logprobs * batch.loss_mask if reuse else torch.cat(old)
     batch.ref_logprobs = torch.cat(ref) if ref else None
     batch.values = torch.cat(values) * batch.loss_mask if values else None
-    return {"entropy": float(masked_mean(torch.cat(entropy), batch.loss_mask))}
 
 
 def _pad_to(x: Tensor, width: int) -> Tensor:
@@ -189,18 +194,33 @@ def compute_advantages(state: TrainState, batch: Batch) -> dict[str, float]:
     return metrics
 
 
+def policy_trains(state: TrainState) -> bool:
+    """False during critic warm-up (PPO's first ``critic_warmup_steps`` steps train the critic only)."""
+    return state.critic is None or state.step >= state.config.optim.critic_warmup_steps
+
+
+# metrics that are each micro-batch's share of its mini-batch's loss: summed over micro-batches
+_ADDITIVE = ("policy_loss", "value_loss")
+
+
 def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
-    """Epochs x mini-batches of optimizer steps with gradient accumulation over micro-batches."""
+    """Epochs x mini-batches of optimizer steps with gradient accumulation over micro-batches.
+
+    Returns metrics averaged over optimizer steps: losses are the mini-batch losses (whatever the
+    micro-batch size), other metrics the mean over micro-batches.
+    """
     cfg, preset = state.config, state.preset
     temperature = logprob_temperature(cfg)
-    train_policy = state.step >= cfg.optim.critic_warmup_steps or state.critic is None
+    train_policy = policy_trains(state)
     kl_in_loss = preset.kl_placement == "loss" and batch.ref_logprobs is not None
     generator = torch.Generator().manual_seed(step_seed)
+    # dynamic sampling may leave fewer rows than the configured number of mini-batches
+    num_mini_batches = min(cfg.optim.num_mini_batches, len(batch))
     sums: dict[str, float] = {}
-    count = 0
+    num_micro = num_steps = 0
     state.policy.train()
     for _epoch in range(cfg.optim.epochs):
-        for rows in mini_batches(len(batch), cfg.optim.num_mini_batches, generator):
+        for rows in mini_batches(len(batch), num_mini_batches, generator):
             mini = batch.select(rows)
             mini.loss_weights = token_weights(
                 mini.loss_mask,
@@ -215,12 +235,13 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
                 metrics = _micro_batch_backward(state, micro, temperature, train_policy, kl_in_loss)
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
-                count += 1
+                num_micro += 1
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + _optimizer_step(state, train_policy)
-    averaged = {key: value / max(count, 1) for key, value in sums.items()}
-    steps = cfg.optim.epochs * max(1, min(cfg.optim.num_mini_batches, len(batch)))
-    averaged["grad_norm"] = sums.get("grad_norm", 0.0) / steps
-    return averaged
+            num_steps += 1
+    return {
+        key: value / (num_steps if key in _ADDITIVE or key == "grad_norm" else max(num_micro, 1))
+        for key, value in sums.items()
+    }
 
 
 def _micro_batch_backward(
@@ -236,8 +257,10 @@ def _micro_batch_backward(
             micro.input_ids,
             micro.attention_mask,
             temperature=temperature,
-            with_entropy=want_entropy,
+            with_entropy=True,
+            entropy_grad=want_entropy,  # otherwise a metric only
         )
+        assert entropy is not None
         per_token, loss_metrics = POLICY_LOSSES.call(
             preset.policy_loss,
             {
@@ -251,10 +274,13 @@ def _micro_batch_backward(
         loss = aggregate(per_token, micro.loss_weights)
         metrics.update({k: float(v) for k, v in loss_metrics.items()})
         metrics["policy_loss"] = loss.item()
+        metrics["entropy"] = float(masked_mean(entropy.detach(), micro.loss_mask))
         if kl_in_loss and state.kl_controller is not None:
-            kl = kl_penalty(logprobs, micro.ref_logprobs, preset.kl_estimator) * micro.loss_mask
+            ratio = torch.exp(logprobs - micro.old_logprobs) if preset.kl_importance_ratio else None
+            kl = kl_penalty(logprobs, micro.ref_logprobs, preset.kl_estimator, importance_ratio=ratio)
+            kl = kl * micro.loss_mask
             loss = loss + state.kl_controller.coef * aggregate(kl, micro.loss_weights)
-        if want_entropy and entropy is not None:
+        if want_entropy:
             loss = loss - cfg.optim.entropy_coef * aggregate(entropy, micro.loss_weights)
         loss.backward()
     if state.critic is not None:
@@ -300,14 +326,16 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
     episodes, shaping_metrics = shape_rewards(state, episodes)
     metrics.update(shaping_metrics)
     batch = collate_episodes(episodes, state.tokenizer.pad_token_id)
-    metrics.update(fill_old_ref_values(state, batch, logprob_temperature(cfg)))
+    fill_old_ref_values(state, batch, logprob_temperature(cfg))
     metrics.update(compute_advantages(state, batch))
     t2 = time.perf_counter()
+    policy_trained = policy_trains(state)
     metrics.update(update(state, batch, seed))
     t3 = time.perf_counter()
-    for scheduler in (state.policy_scheduler, state.critic_scheduler):
-        if scheduler is not None:
-            scheduler.step()
+    if policy_trained and state.policy_scheduler is not None:  # starts when the policy does
+        state.policy_scheduler.step()
+    if state.critic_scheduler is not None:
+        state.critic_scheduler.step()
     if state.kl_controller is not None and "kl" in metrics:
         state.kl_controller.update(metrics["kl"], n_steps=len(episodes))
         metrics["kl_coef"] = state.kl_controller.coef
