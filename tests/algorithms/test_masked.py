@@ -200,3 +200,15 @@ def test_whitened_entries_have_mean_zero_and_unit_variance(data) -> None:
     if n >= 2 and spread > 1e-3:
         assert abs(masked_mean(out, mask).item()) < 1e-6
         assert abs(masked_var(out, mask).item() - 1.0) < 1e-4
+
+
+def test_non_finite_values_where_the_mask_is_zero_are_ignored() -> None:
+    values = torch.tensor([[1.0, float("inf")], [float("nan"), 3.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert masked_sum(values, mask).item() == 4.0
+    assert masked_mean(values, mask).item() == 2.0
+    torch.testing.assert_close(
+        masked_whiten(values, mask), torch.tensor([[-0.7071, 0.0], [0.0, 0.7071]]), atol=1e-4, rtol=0
+    )
+    masked_mean(values, mask).backward()
+    torch.testing.assert_close(values.grad, torch.tensor([[0.5, 0.0], [0.0, 0.5]]))

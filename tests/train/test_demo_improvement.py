@@ -42,7 +42,7 @@ def test_rl_improves_held_out_accuracy_of_the_embedded_default(out_dir, algorith
     )
     result = train(config)
     before, after = result.initial_eval["eval_accuracy"], result.final_eval["eval_accuracy"]
-    assert after >= before + 0.2, (before, after)
+    assert after >= before + 0.15, (before, after)
     # the gain is the flaw being fixed: held-out negative differences, before and after
     task = build_task(config)
     negatives = [row for row in task.test if row["answer"].startswith("-")]

@@ -11,8 +11,9 @@ from torch import Tensor
 
 
 def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """sum(values * mask) over ``dim`` (all elements when ``dim`` is None)."""
-    prod = values * mask
+    """sum(values * mask) over ``dim`` (all elements when ``dim`` is None); entries where the mask
+    is 0 are ignored even when they are inf or NaN (padding may hold anything)."""
+    prod = torch.where(mask != 0, values * mask, torch.zeros_like(values))
     return prod.sum() if dim is None else prod.sum(dim=dim)
 
 
@@ -38,7 +39,7 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: fl
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return whitened * mask
+    return torch.where(mask != 0, whitened * mask, torch.zeros_like(whitened))
 
 
 def masked_max(values: Tensor, mask: Tensor) -> Tensor:
