@@ -337,7 +337,14 @@ def _lrs(optimizer, scheduler, steps: int) -> list[float]:
 
 
 def test_lr_warms_up_linearly_then_holds(base) -> None:
-    _, state = _state(base, "algorithm=ppo", "optim.lr=0.01", "optim.critic_lr=0.1", "optim.warmup_steps=4")
+    _, state = _state(
+        base,
+        "algorithm=ppo",
+        "optim.lr=0.01",
+        "optim.critic_lr=0.1",
+        "optim.warmup_steps=4",
+        "optim.lr_schedule=constant",
+    )
     assert _lrs(state.policy_optimizer, state.policy_scheduler, 6) == pytest.approx(
         [0.0, 0.0025, 0.005, 0.0075, 0.01, 0.01]
     )
@@ -347,8 +354,13 @@ def test_lr_warms_up_linearly_then_holds(base) -> None:
 
 
 def test_lr_without_warmup_is_constant(base) -> None:
-    _, state = _state(base, "optim.lr=0.01")
+    _, state = _state(base, "optim.lr=0.01", "optim.lr_schedule=constant")
     assert _lrs(state.policy_optimizer, state.policy_scheduler, 3) == pytest.approx([0.01] * 3)
+
+
+def test_default_lr_schedule_decays_linearly_over_the_run(base) -> None:
+    _, state = _state(base, "optim.lr=0.01", "optim.steps=2")
+    assert _lrs(state.policy_optimizer, state.policy_scheduler, 3) == pytest.approx([0.01, 0.005, 0.0])
 
 
 def test_linear_lr_schedule_decays_to_zero_at_the_last_step(base) -> None:

@@ -543,7 +543,7 @@ COMMON_KEYS = {
     ],
 )
 def test_rl_step_reports_the_documented_metrics(setup, algorithm: str, present: set, absent: set) -> None:
-    state = make_state(setup, f"algorithm={algorithm}", "optim.lr=0.003")
+    state = make_state(setup, f"algorithm={algorithm}", "optim.lr=0.003", "optim.lr_schedule=constant")
     before = snapshot(state.policy)
     metrics = rl_step(state, prompts_for(setup, state))
     assert COMMON_KEYS | present <= set(metrics)
@@ -587,7 +587,7 @@ def test_rl_step_is_reproducible_and_advances_the_sampling_seed(setup) -> None:
 
 
 def test_rl_step_steps_the_schedulers(setup) -> None:
-    state = make_state(setup, "optim.lr=0.01", "optim.warmup_steps=2")
+    state = make_state(setup, "optim.lr=0.01", "optim.warmup_steps=2", "optim.lr_schedule=constant")
     rows = prompts_for(setup, state)
     lrs = [rl_step(state, rows)["lr"] for _ in range(3)]
     # the metric is read after the scheduler step: warm-up reaches the full rate after 2 steps
@@ -596,7 +596,12 @@ def test_rl_step_steps_the_schedulers(setup) -> None:
 
 def test_critic_warmup_does_not_use_up_the_policy_learning_rate_warmup(setup) -> None:
     state = make_state(
-        setup, "algorithm=ppo", "optim.critic_warmup_steps=1", "optim.warmup_steps=2", "optim.lr=0.01"
+        setup,
+        "algorithm=ppo",
+        "optim.critic_warmup_steps=1",
+        "optim.warmup_steps=2",
+        "optim.lr=0.01",
+        "optim.lr_schedule=constant",
     )
     rows = prompts_for(setup, state)
     lrs = [rl_step(state, rows)["lr"] for _ in range(3)]

@@ -103,7 +103,7 @@ class OptimConfig(Section):
     critic_lr: float = Field(5e-4, gt=0.0)
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up from 0")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="after warm-up: hold, or decay to 0 at the last step (linear or cosine)"
+        "linear", description="after warm-up: decay to 0 at the last step (linear or cosine), or hold"
     )
     epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
     num_mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch")
