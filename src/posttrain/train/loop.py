@@ -176,11 +176,11 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     logger.close()
 
     history = read_metrics(run_dir / "metrics.jsonl")
+    keys = ["reward_mean", "accuracy", "eval_accuracy", "kl", "entropy", "response_length"]
+    if cfg.optim.epochs > 1 or cfg.optim.num_mini_batches > 1:
+        keys.insert(4, "clipfrac")  # one on-policy update per rollout never clips
     plot = plot_training_curves(
-        history,
-        run_dir / "curves.png",
-        keys=("reward_mean", "accuracy", "eval_accuracy", "kl", "clipfrac", "response_length"),
-        title=f"{cfg.algorithm} on {task.name}",
+        history, run_dir / "curves.png", keys=keys, title=f"{cfg.algorithm} on {task.name}"
     )
     if not initial:
         initial = next((h for h in history if h.get("step") == 0 and "eval_accuracy" in h), {})
