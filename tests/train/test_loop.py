@@ -2,12 +2,14 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 from posttrain.algorithms.presets import PRESETS
 from posttrain.rewards.functions import RewardFunctionError
+from posttrain.train.checkpoint import latest_checkpoint
 from posttrain.train.config import load_config
 from posttrain.train.loop import train
 
@@ -73,11 +75,17 @@ def test_lora_run_saves_a_merged_model_loadable_by_transformers_alone(out_dir):
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_resumed_run_matches_an_uninterrupted_one(out_dir, algorithm):
-    full = train(_config(out_dir, f"full-{algorithm}", f"algorithm={algorithm}", "optim.steps=4"))
-    train(_config(out_dir, f"cut-{algorithm}", f"algorithm={algorithm}", "optim.steps=2"))
-    resumed = train(
-        _config(out_dir, f"cut-{algorithm}", f"algorithm={algorithm}", "optim.steps=4"), resume=True
-    )
+    """A run that died after its step-2 checkpoint resumes to the uninterrupted run's steps 3-4,
+    the learning-rate decay (which spans all 4 steps) included."""
+
+    def config(name):
+        return _config(out_dir, name, f"algorithm={algorithm}", "optim.steps=4", "logging.checkpoint_every=2")
+
+    full = train(config(f"full-{algorithm}"))
+    cut = train(config(f"cut-{algorithm}"))
+    shutil.rmtree(cut.checkpoint)  # lose the step-4 checkpoint, as if the run had died before it
+    assert latest_checkpoint(cut.run_dir).name == "step_000002"
+    resumed = train(config(f"cut-{algorithm}"), resume=True)
 
     def steps(result, wanted):
         return [_stable(r) for r in result.history if r["step"] in wanted and "reward_mean" in r]

@@ -241,6 +241,20 @@ def test_warm_start_cache_key_depends_on_the_dataset_contents(tmp_path: Path) ->
     assert paths[0] != paths[1]
 
 
+def test_a_dataset_edited_in_place_gets_a_fresh_warm_start(tmp_path: Path) -> None:
+    rewards = _reward_file(tmp_path)
+    data = tmp_path / "train.jsonl"
+    cfg = _config(
+        tmp_path, f"data.path={data}", "warmstart.steps=1", f"data.reward_fns=[{{fn: '{rewards}:exact'}}]"
+    )
+    paths = []
+    for answer in ("1", "2"):  # same file name, same prompts, other solutions
+        _write_rows(data, [{"prompt": f"{i}*1=", "solution": answer, "target": "0"} for i in range(6)])
+        paths.append(embedded_model_path(cfg, build_task(cfg)))
+    assert paths[0] != paths[1]
+    assert paths[0].is_dir() and paths[1].is_dir()
+
+
 # ---------------------------------------------------------------------------- build_state
 
 

@@ -74,19 +74,26 @@ def resolve_rewards(task: Task) -> list[tuple[str, Any, float]]:
 def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
     """Build (once, cached) the tiny Llama and warm-start it on the task's solutions.
 
-    The caches are keyed by everything that shapes them: the data (the tokenizer is trained on its
-    texts), the model size and seed, and, for the warm-start, its settings.
+    The caches are keyed by the contents that shape them, so an edited dataset is never served a
+    stale model: the tokenizer by the task's texts, the warm-start also by its demonstrations, its
+    settings and the seed.
     """
-    data = cfg.data.model_dump(
-        include={"task", "task_options", "path", "test_path", "prompt_field", "num_train", "num_test"}
+    corpus = task_corpus(task)
+    demonstrations = [[row.get(k) for k in ("prompt", "solution", "flawed_solution")] for row in task.train]
+    base_key = _short_hash({"corpus": corpus})
+    warm_key = _short_hash(
+        {
+            "corpus": corpus,
+            "rows": demonstrations,
+            "seed": cfg.run.seed,
+            "warmstart": cfg.warmstart.model_dump(),
+        }
     )
-    base_key = _short_hash(data)
-    warm_key = _short_hash({"data": data, "seed": cfg.run.seed, "warmstart": cfg.warmstart.model_dump()})
     cache = Path(cfg.run.output_dir) / ".cache"
     size = f"h{cfg.model.tiny_hidden_size}-l{cfg.model.tiny_layers}"
     base = build_tiny_model(
         cache / f"tiny-{task.name}-{base_key}-{size}-s{cfg.run.seed}",
-        task_corpus(task),
+        corpus,
         hidden_size=cfg.model.tiny_hidden_size,
         num_layers=cfg.model.tiny_layers,
         seed=cfg.run.seed,
@@ -118,8 +125,8 @@ def lr_scheduler(
     )
 
 
-def _short_hash(settings: dict[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+def _short_hash(contents: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(contents, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def build_state(
