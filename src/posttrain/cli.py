@@ -35,17 +35,25 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from posttrain.models.load import load_policy
     from posttrain.rollout.hf import HFRolloutEngine
+    from posttrain.train.checkpoint import resolve_policy_dir
     from posttrain.train.config import ConfigError, load_config
     from posttrain.train.evaluate import evaluate
+    from posttrain.train.logging import CONFIG_FILE
     from posttrain.train.setup import build_task, resolve_rewards
 
     try:
-        config = load_config(args.config, args.set)
-    except ConfigError as error:
+        model_dir, run_config = resolve_policy_dir(args.model, CONFIG_FILE)
+        # a run's own checkpoint is evaluated on that run's task and split unless --config says otherwise
+        config = load_config(args.config or run_config, args.set)
+    except (ConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     task = build_task(config)
-    model, tokenizer = load_policy(Path(args.model))
+    print(
+        f"model: {model_dir}"
+        + (f"  (task settings from {run_config})" if run_config and not args.config else "")
+    )
+    model, tokenizer = load_policy(model_dir)
     rows = task.test if args.split == "test" else task.train
     result = evaluate(
         HFRolloutEngine(model, tokenizer),
@@ -86,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a task split")
-    ev.add_argument("--model", required=True, help="a checkpoint's policy dir or any local HF model")
+    ev.add_argument(
+        "--model", required=True, help="a run folder, one of its checkpoints, or any local HF model folder"
+    )
     ev.add_argument("--config", type=Path, default=None)
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.add_argument("--split", choices=["test", "train"], default="test")

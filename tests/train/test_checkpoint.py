@@ -28,6 +28,7 @@ from posttrain.train.checkpoint import (
     latest_checkpoint,
     load_extra_tensors,
     load_trainer_state,
+    resolve_policy_dir,
     save_checkpoint,
 )
 
@@ -254,3 +255,15 @@ def test_saving_the_same_step_twice_replaces_it(tmp_path: Path, tokenizer) -> No
     restored = AutoModelForCausalLM.from_pretrained(ckpt / POLICY_SUBDIR)
     torch.testing.assert_close(restored.lm_head.weight, model.lm_head.weight)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [LATEST_FILE, "step_000002"]
+
+
+def test_resolve_policy_dir_takes_a_model_folder_as_it_is(tiny_model_dir: Path) -> None:
+    assert resolve_policy_dir(tiny_model_dir) == (tiny_model_dir, None)
+
+
+def test_resolve_policy_dir_rejects_a_run_without_a_complete_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "run" / "checkpoints" / ".tmp-step_000001").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="run folder without a complete checkpoint"):
+        resolve_policy_dir(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        resolve_policy_dir(tmp_path)

@@ -313,6 +313,29 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resolve_policy_dir(path: str | Path, config_name: str = "config.yaml") -> tuple[Path, Path | None]:
+    """Where the policy is, for what a user points at: a run folder (its newest complete checkpoint),
+    a checkpoint (its ``policy/``), or any HF model folder. Returns the model folder and the run's
+    config file when the folder belongs to a run (so evaluation can use the run's task and split)."""
+    path = Path(path)
+    if (path / CHECKPOINTS_DIR).is_dir():
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{path} is a run folder without a complete checkpoint")
+        path = checkpoint
+    if (path / "policy" / "config.json").is_file():
+        path = path / "policy"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: not a model folder (no config.json), a checkpoint (no policy/) or a run folder "
+            f"(no {CHECKPOINTS_DIR}/)"
+        )
+    # runs/<name>/checkpoints/step_N/policy -> runs/<name>/config.yaml
+    run_config = path.parent.parent.parent / config_name
+    is_run_policy = path.name == "policy" and path.parent.parent.name == CHECKPOINTS_DIR
+    return path, run_config if is_run_policy and run_config.is_file() else None
+
+
 def _require_complete(ckpt_dir: Path) -> Path:
     ckpt_dir = Path(ckpt_dir)
     if not is_complete(ckpt_dir):
