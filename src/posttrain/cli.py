@@ -42,7 +42,8 @@ def _eval(args: argparse.Namespace) -> int:
     from posttrain.train.setup import build_task, resolve_rewards
 
     try:
-        model_dir, run_config = resolve_policy_dir(args.model, CONFIG_FILE)
+        model_dir, run_dir = resolve_policy_dir(args.model)
+        run_config = run_dir / CONFIG_FILE if run_dir and (run_dir / CONFIG_FILE).is_file() else None
         # a run's own checkpoint is evaluated on that run's task and split unless --config says otherwise
         config = load_config(args.config or run_config, args.set)
     except (ConfigError, FileNotFoundError) as error:

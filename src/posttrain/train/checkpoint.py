@@ -313,10 +313,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def resolve_policy_dir(path: str | Path, config_name: str = "config.yaml") -> tuple[Path, Path | None]:
+def resolve_policy_dir(path: str | Path) -> tuple[Path, Path | None]:
     """Where the policy is, for what a user points at: a run folder (its newest complete checkpoint),
-    a checkpoint (its ``policy/``), or any HF model folder. Returns the model folder and the run's
-    config file when the folder belongs to a run (so evaluation can use the run's task and split)."""
+    a checkpoint (its ``policy/``), or any HF model folder. Returns the model folder and, when it
+    belongs to a run, the run folder (so evaluation can use the run's task and split)."""
     path = Path(path)
     if (path / CHECKPOINTS_DIR).is_dir():
         checkpoint = latest_checkpoint(path)
@@ -330,10 +330,9 @@ def resolve_policy_dir(path: str | Path, config_name: str = "config.yaml") -> tu
             f"{path}: not a model folder (no config.json), a checkpoint (no policy/) or a run folder "
             f"(no {CHECKPOINTS_DIR}/)"
         )
-    # runs/<name>/checkpoints/step_N/policy -> runs/<name>/config.yaml
-    run_config = path.parent.parent.parent / config_name
+    # runs/<name>/checkpoints/step_N/policy belongs to runs/<name>
     is_run_policy = path.name == "policy" and path.parent.parent.name == CHECKPOINTS_DIR
-    return path, run_config if is_run_policy and run_config.is_file() else None
+    return path, path.parent.parent.parent if is_run_policy else None
 
 
 def _require_complete(ckpt_dir: Path) -> Path:

@@ -22,7 +22,7 @@ from posttrain.train.checkpoint import (
 )
 from posttrain.train.config import TrainConfig, load_config
 from posttrain.train.evaluate import evaluate
-from posttrain.train.logging import RunLogger, TrainProgress, read_metrics
+from posttrain.train.logging import CONFIG_FILE, RunLogger, TrainProgress, read_metrics
 from posttrain.train.setup import build_state, build_task, embedded_model_path, seed_everything
 from posttrain.train.step import TrainState, rl_step
 
@@ -216,5 +216,5 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
 def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> TrainResult:
     """Continue a run from ``run_dir/config.yaml`` and its last checkpoint."""
     run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml", overrides)
+    config = load_config(run_dir / CONFIG_FILE, overrides)
     return train(config, resume=True)

@@ -199,8 +199,9 @@ def policy_trains(state: TrainState) -> bool:
     return state.critic is None or state.step >= state.config.optim.critic_warmup_steps
 
 
-# metrics that are each micro-batch's share of its mini-batch's loss: summed over micro-batches
-_ADDITIVE = ("policy_loss", "value_loss")
+# averaged over optimizer steps: a micro-batch's loss is its share of its mini-batch's loss, so the
+# losses are summed within a mini-batch; grad_norm is one value per step. Other metrics: per micro-batch.
+_PER_OPTIMIZER_STEP = ("policy_loss", "value_loss", "grad_norm")
 
 
 def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
@@ -239,7 +240,7 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + _optimizer_step(state, train_policy)
             num_steps += 1
     return {
-        key: value / (num_steps if key in _ADDITIVE or key == "grad_norm" else max(num_micro, 1))
+        key: value / (num_steps if key in _PER_OPTIMIZER_STEP else max(num_micro, 1))
         for key, value in sums.items()
     }
 
