@@ -39,7 +39,8 @@ def _eval(args: argparse.Namespace) -> int:
     from posttrain.train.config import ConfigError, load_config
     from posttrain.train.evaluate import evaluate
     from posttrain.train.logging import CONFIG_FILE
-    from posttrain.train.setup import build_task, resolve_rewards
+    from posttrain.train.setup import build_collector, build_task
+    from posttrain.train.step import sampling_params
 
     try:
         model_dir, run_dir = resolve_policy_dir(args.model)
@@ -56,14 +57,9 @@ def _eval(args: argparse.Namespace) -> int:
     )
     model, tokenizer = load_policy(model_dir)
     rows = task.test if args.split == "test" else task.train
-    result = evaluate(
-        HFRolloutEngine(model, tokenizer),
-        tokenizer,
-        rows[: args.num_prompts],
-        resolve_rewards(task),
-        max_new_tokens=task.max_new_tokens,
-        temperature=args.temperature,
-    )
+    collector = build_collector(config, task, HFRolloutEngine(model, tokenizer), tokenizer)
+    params = sampling_params(config, max_new_tokens=task.max_new_tokens, temperature=args.temperature)
+    result = evaluate(collector, rows[: args.num_prompts], params)
     print(
         f"{task.name} {args.split}: accuracy {100 * result['eval_accuracy']:.1f}%  "
         f"mean reward {result['eval_reward']:.3f}  ({len(result['samples'])} prompts)"

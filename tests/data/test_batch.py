@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from posttrain.data.batch import collate_episodes, mini_batches
 from posttrain.data.trace import Episode, Trace, single_turn_trace
@@ -51,8 +53,58 @@ def test_empty_batch_is_an_error():
 
 
 def test_mini_batches_partition_the_rows():
-    parts = mini_batches(10, 3, torch.Generator().manual_seed(0))
+    parts = mini_batches(torch.arange(10), 3, torch.Generator().manual_seed(0))
     assert sorted(torch.cat(parts).tolist()) == list(range(10))
     assert [len(p) for p in parts] == [4, 3, 3]
     with pytest.raises(ValueError, match="num_mini_batches"):
-        mini_batches(2, 3, torch.Generator())
+        mini_batches(torch.arange(2), 3, torch.Generator())
+
+
+@given(
+    segments=st.lists(st.integers(1, 4), min_size=1, max_size=12),
+    num_mini_batches=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_mini_batches_never_split_an_episode(segments: list[int], num_mini_batches: int, seed: int):
+    """Every sub-trace of an episode lands in the same mini-batch; episodes split near-evenly."""
+    episode_ids = torch.tensor([10 * e for e, count in enumerate(segments) for _ in range(count)])
+    episode_ids = episode_ids[torch.randperm(len(episode_ids), generator=torch.Generator().manual_seed(seed))]
+    if num_mini_batches > len(segments):
+        with pytest.raises(ValueError, match="episodes"):
+            mini_batches(episode_ids, num_mini_batches, torch.Generator())
+        return
+    parts = mini_batches(episode_ids, num_mini_batches, torch.Generator().manual_seed(seed))
+    assert len(parts) == num_mini_batches
+    assert sorted(torch.cat(parts).tolist()) == list(range(len(episode_ids)))
+    owner = {}
+    for index, part in enumerate(parts):
+        for episode in episode_ids[part].tolist():
+            assert owner.setdefault(episode, index) == index
+    episodes_per_part = [len(set(episode_ids[p].tolist())) for p in parts]
+    assert max(episodes_per_part) - min(episodes_per_part) <= 1
+
+
+def test_per_token_rewards_are_added_to_the_outcome():
+    first = Trace(
+        [1, 2, 3, 4],
+        [0, 1, 0, 1],
+        [0, -0.1, 0, -0.2],
+        episode_id=0,
+        group_id=0,
+        ended=False,
+        token_rewards=[0.0, 0.5, 0.0, -0.25],
+    )
+    second = Trace(
+        [1, 5, 6],
+        [0, 1, 1],
+        [0, -0.3, -0.4],
+        episode_id=0,
+        group_id=0,
+        segment_index=1,
+        token_rewards=[0.0, 0.0, 2.0],
+    )
+    episode = Episode([first, second], reward=1.0)
+    assert episode.total_reward == pytest.approx(1.0 + 0.5 - 0.25 + 2.0)
+    assert episode.num_actions == 4
+    batch = collate_episodes([episode], pad_token_id=0)
+    assert batch.token_rewards.tolist() == [[0.0, 0.5, 0.0, -0.25], [0.0, 0.0, 3.0, 0.0]]

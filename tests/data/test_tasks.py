@@ -25,14 +25,14 @@ def _solution_scores(task: Task, rows: list[dict]) -> list[float]:
 
 
 def test_available_tasks_and_default() -> None:
-    assert available_tasks() == ["arithmetic", "countdown", "math"]
+    assert available_tasks() == ["arithmetic", "countdown", "key_chain", "math"]
     assert DEFAULT_TASK == "arithmetic"
     assert get_task(num_train=5, num_test=2).name == "arithmetic"
 
 
 def test_unknown_task_lists_available() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown task 'gsm8k'; available tasks: \['arithmetic', 'countdown', 'math'\]"
+        ValueError, match=r"unknown task 'gsm8k'; available tasks: \['arithmetic', 'countdown', 'key_chain', 'math'\]"
     ):
         get_task("gsm8k")
 
@@ -49,6 +49,8 @@ def test_unknown_option_lists_accepted_options() -> None:
         ("arithmetic", {"min_operand": 5, "max_operand": 2}, "min_operand <= max_operand"),
         ("countdown", {"num_count": 1}, "num_count"),
         ("math", {"templates": ["plus", "calculus"]}, r"unknown templates \['calculus'\]"),
+        ("key_chain", {"min_horizon": 5, "max_horizon": 3}, "min_horizon <= max_horizon"),
+        ("key_chain", {"max_horizon": 500}, "<= 200"),
     ],
 )
 def test_invalid_options_are_rejected(name: str, options: dict, message: str) -> None:
@@ -190,7 +192,7 @@ def test_corpus_covers_every_character() -> None:
     for name in available_tasks():
         task = get_task(name, num_train=300, num_test=50)
         alphabet = set(corpus(name))
-        used = {char for row in task.train + task.test for char in row["prompt"] + row["solution"]}
+        used = {char for row in task.train + task.test for char in row["prompt"] + row.get("solution", "")}
         assert used <= alphabet, f"{name}: {sorted(used - alphabet)} missing from corpus"
         assert used <= set("".join(task_corpus(task)))
 

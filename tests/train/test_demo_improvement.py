@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from posttrain.models.load import load_policy
+from posttrain.rewards.functions import RewardTerm
 from posttrain.rewards.verifiers import arithmetic_exact
+from posttrain.rollout.engine import SamplingParams
 from posttrain.rollout.hf import HFRolloutEngine
+from posttrain.rollout.single_turn import SingleTurnCollector
 from posttrain.train.config import load_config
 from posttrain.train.evaluate import evaluate
 from posttrain.train.loop import train
@@ -56,6 +59,7 @@ def test_rl_improves_held_out_accuracy_of_the_embedded_default(out_dir, algorith
 
 def _greedy_accuracy(model_dir, rows, task):
     model, tokenizer = load_policy(model_dir)
-    reward_fns = [("arithmetic_exact", arithmetic_exact, 1.0)]
-    engine = HFRolloutEngine(model, tokenizer)
-    return evaluate(engine, tokenizer, rows, reward_fns, max_new_tokens=task.max_new_tokens)["eval_accuracy"]
+    terms = [RewardTerm("arithmetic_exact", arithmetic_exact, 1.0)]
+    collector = SingleTurnCollector(HFRolloutEngine(model, tokenizer), tokenizer, terms, task.max_new_tokens)
+    params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0.0)
+    return evaluate(collector, rows, params)["eval_accuracy"]

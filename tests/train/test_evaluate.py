@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from posttrain.models.load import load_policy
+from posttrain.rewards.functions import RewardTerm, resolve_reward_specs
+from posttrain.rollout.collector import encode_prompt
 from posttrain.rollout.engine import SamplingParams
 from posttrain.rollout.hf import HFRolloutEngine
+from posttrain.rollout.single_turn import SingleTurnCollector
 from posttrain.train.config import load_config
 from posttrain.train.evaluate import evaluate
-from posttrain.train.setup import build_task, embedded_model_path, resolve_rewards
-from posttrain.train.step import encode_prompt
+from posttrain.train.setup import build_task, embedded_model_path
 
 SMALL = [
     "model.tiny_hidden_size=32",
@@ -45,10 +47,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return HFRolloutEngine(model, tokenizer), tokenizer, task
 
 
-def _run(tiny, reward_fns, **kwargs):
+def _run(tiny, reward_fns, *, max_new_tokens=None, temperature=0.0, seed=0):
     engine, tokenizer, task = tiny
-    kwargs.setdefault("max_new_tokens", task.max_new_tokens)
-    return evaluate(engine, tokenizer, task.test, reward_fns, **kwargs)
+    budget = max_new_tokens or task.max_new_tokens
+    collector = SingleTurnCollector(engine, tokenizer, [RewardTerm(*fn) for fn in reward_fns], budget)
+    params = SamplingParams(max_new_tokens=budget, temperature=temperature)
+    return evaluate(collector, task.test, params, seed=seed)
 
 
 def test_metrics_are_consistent_with_the_samples(tiny) -> None:
@@ -56,7 +60,17 @@ def test_metrics_are_consistent_with_the_samples(tiny) -> None:
     fns = [("even_length", even_length, 1.0), ("half", half, 2.0)]
     result = _run(tiny, fns)
     samples = result["samples"]
-    assert set(result) == {"eval_accuracy", "eval_reward", "eval_response_length", "samples"}
+    assert set(result) == {
+        "eval_accuracy",
+        "eval_reward",
+        "eval_reward_std",
+        "eval_response_length",
+        "eval_truncated_fraction",
+        "eval_reward/even_length",
+        "eval_reward/half",
+        "samples",
+    }
+    assert result["eval_reward/half"] == 0.5
     assert [s["prompt"] for s in samples] == [row["prompt"] for row in task.test]
     assert [s["answer"] for s in samples] == [row["answer"] for row in task.test]
     passed = [even_length("", s["completion"]) for s in samples]
@@ -83,7 +97,7 @@ def test_response_length_counts_generated_tokens(tiny) -> None:
 
 def test_task_verifier_accuracy_is_the_fraction_of_exact_answers(tiny) -> None:
     engine, tokenizer, task = tiny
-    result = _run(tiny, resolve_rewards(task))
+    result = _run(tiny, resolve_reward_specs(task.reward_fns))
     samples = result["samples"]
     correct = [s["completion"].strip() == s["answer"] for s in samples]
     assert result["eval_accuracy"] == pytest.approx(sum(correct) / len(correct))
@@ -131,5 +145,6 @@ def test_evaluation_leaves_the_model_and_rngs_as_it_found_them(tiny) -> None:
 
 def test_empty_evaluation_set_gives_zeros_not_errors(tiny) -> None:
     engine, tokenizer, _ = tiny
-    result = evaluate(engine, tokenizer, [], [("even_length", even_length, 1.0)], max_new_tokens=3)
+    collector = SingleTurnCollector(engine, tokenizer, [RewardTerm("even_length", even_length, 1.0)], 3)
+    result = evaluate(collector, [], SamplingParams(max_new_tokens=3))
     assert result == {"eval_accuracy": 0.0, "eval_reward": 0.0, "eval_response_length": 0.0, "samples": []}

@@ -14,13 +14,14 @@ from posttrain.algorithms.kl import AdaptiveKLController, FixedKLController
 from posttrain.algorithms.presets import PRESETS
 from posttrain.models.critic import ValueModel
 from posttrain.models.load import load_policy, save_policy
+from posttrain.rewards.functions import resolve_reward_specs
 from posttrain.rollout.hf import HFRolloutEngine
+from posttrain.rollout.single_turn import SingleTurnCollector
 from posttrain.train.config import load_config
 from posttrain.train.setup import (
     build_state,
     build_task,
     embedded_model_path,
-    resolve_rewards,
     seed_everything,
 )
 
@@ -90,7 +91,7 @@ def test_build_task_builtin_with_configured_rewards_and_budget(tmp_path: Path) -
         ("format_answer_tag", 2.0),
     ]
     assert task.max_new_tokens == 7
-    names = [(name, weight) for name, _, weight in resolve_rewards(task)]
+    names = [(name, weight) for name, _, weight in resolve_reward_specs(task.reward_fns)]
     assert names == [("arithmetic_exact", 0.5), ("format_answer_tag", 2.0)]
 
 
@@ -121,7 +122,7 @@ def test_build_task_from_a_user_jsonl(tmp_path: Path) -> None:
     assert [r["prompt"] for r in task.test] == ["0+1=", "1+1=", "2+1="]
     assert task.train[0]["target"] == "1" and "question" not in task.train[0]
     assert task.max_new_tokens == 64  # default budget for a user dataset
-    [(name, fn, weight)] = resolve_rewards(task)
+    [(name, fn, weight)] = resolve_reward_specs(task.reward_fns)
     assert (name, weight) == ("exact", 2.0)
     assert fn("p", " 5 ", target="5") == 1.0 and fn("p", "4", target="5") == 0.0
 
@@ -283,9 +284,10 @@ def test_state_wiring_follows_the_preset(base, algorithm: str) -> None:
     if state.critic is not None:
         assert isinstance(state.critic, ValueModel)
     assert state.step == 0 and state.data_position == 0
-    assert state.extra["max_new_tokens"] == base[1].max_new_tokens
+    assert state.max_new_tokens == base[1].max_new_tokens
     assert isinstance(state.engine, HFRolloutEngine) and state.engine.model is state.policy
-    assert [name for name, _, _ in state.reward_fns] == ["arithmetic_exact"]
+    assert isinstance(state.collector, SingleTurnCollector)
+    assert [term.name for term in state.collector.reward_terms] == ["arithmetic_exact"]
 
 
 def test_zero_kl_coefficient_means_no_reference(base) -> None:

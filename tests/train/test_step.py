@@ -14,17 +14,18 @@ from posttrain.algorithms.kl import FixedKLController
 from posttrain.data.batch import Batch, collate_episodes
 from posttrain.data.trace import Episode, single_turn_trace
 from posttrain.models.forward import token_logprobs
+from posttrain.rewards.functions import RewardTerm
+from posttrain.rollout.collector import encode_prompt
 from posttrain.rollout.engine import SamplingParams
+from posttrain.rollout.single_turn import SingleTurnCollector
 from posttrain.train.config import load_config
 from posttrain.train.setup import build_state, build_task, embedded_model_path, seed_everything
 from posttrain.train.step import (
     TrainState,
     compute_advantages,
-    encode_prompt,
     fill_old_ref_values,
     logprob_temperature,
     rl_step,
-    rollout,
     sampling_params,
     shape_rewards,
     update,
@@ -71,8 +72,34 @@ def make_state(setup, *extra: str, reward=char_score) -> TrainState:
     seed_everything(cfg.run.seed)  # the critic's fresh value head draws from the global RNG
     state = build_state(cfg, task, path)
     if reward is not None:
-        state.reward_fns = [(reward.__name__, reward, 1.0)]
+        terms = [RewardTerm(reward.__name__, reward, 1.0)]
+        state.collector = SingleTurnCollector(state.engine, state.tokenizer, terms, state.max_new_tokens)
     return state
+
+
+class _RecordingEngine:
+    """Passes calls through to the engine and keeps the last completions, for inspection."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.completions = []
+
+    def generate(self, prompt_ids, params, *, seed=None):
+        self.completions = self.engine.generate(prompt_ids, params, seed=seed)
+        return self.completions
+
+
+def rollout(state: TrainState, rows: list[dict], seed: int):
+    """What ``rl_step`` collects: (episodes, the engine's completions, metrics)."""
+    recorder, engine = _RecordingEngine(state.engine), state.collector.engine
+    state.collector.engine = recorder
+    try:
+        params = sampling_params(state.config, max_new_tokens=state.max_new_tokens)
+        result = state.collector.collect(rows, params, group_size=state.config.rollout.group_size, seed=seed)
+    finally:
+        state.collector.engine = engine
+    state.last_samples = result.samples
+    return result.episodes, recorder.completions, result.metrics
 
 
 def prompts_for(setup, state: TrainState) -> list[dict]:
@@ -118,6 +145,10 @@ def test_sampling_params_follow_the_rollout_config(setup) -> None:
     cfg = make_config(setup, "rollout.temperature=0.5", "rollout.top_p=0.9", "rollout.top_k=7")
     assert sampling_params(cfg, max_new_tokens=11) == SamplingParams(
         max_new_tokens=11, temperature=0.5, top_p=0.9, top_k=7
+    )
+    cfg = make_config(setup, "rollout.stop=['!', '?']")
+    assert sampling_params(cfg, max_new_tokens=3, temperature=0.0) == SamplingParams(
+        max_new_tokens=3, temperature=0.0, stop=("!", "?")
     )
 
 
@@ -171,7 +202,7 @@ def test_rollout_gives_one_scored_episode_per_sample(setup) -> None:
     truncated = [c.finish_reason == "length" for c in completions]
     assert metrics["truncated_fraction"] == pytest.approx(sum(truncated) / len(truncated))
     assert len(set(lengths)) > 1  # the warm-start taught it to stop (sometimes)
-    samples = state.extra["last_samples"]
+    samples = state.last_samples
     assert [s["completion"] for s in samples] == [c.text for c in completions]
     assert [s["answer"] for s in samples] == [rows[i // group]["answer"] for i in range(len(samples))]
 
@@ -249,7 +280,7 @@ def _episodes(rewards: list[float], lengths: list[int], group_size: int) -> list
 
 def test_dynamic_sampling_drops_zero_variance_groups(setup) -> None:
     state = make_state(setup, "algorithm=dapo")
-    state.extra["max_new_tokens"] = 100  # no overlong penalty at these lengths
+    state.collector.max_episode_actions = 100  # no overlong penalty at these lengths
     # groups: {1, 1} all equal, {0, 1} mixed, {0, 0} all equal, {0.5, 0} mixed
     episodes = _episodes([1, 1, 0, 1, 0, 0, 0.5, 0], [3] * 8, group_size=2)
     kept, metrics = shape_rewards(state, episodes)
@@ -260,7 +291,7 @@ def test_dynamic_sampling_drops_zero_variance_groups(setup) -> None:
 
 def test_dynamic_sampling_keeps_everything_when_every_group_is_flat(setup) -> None:
     state = make_state(setup, "algorithm=dapo")
-    state.extra["max_new_tokens"] = 100
+    state.collector.max_episode_actions = 100
     kept, metrics = shape_rewards(state, _episodes([1, 1, 0, 0], [3] * 4, group_size=2))
     assert len(kept) == 4
     assert metrics["zero_variance_groups"] == 1.0
@@ -277,7 +308,7 @@ def test_without_dynamic_sampling_flat_groups_are_kept_but_counted(setup) -> Non
 
 def test_overlong_shaping_hand_values(setup) -> None:
     state = make_state(setup, "algorithm=dapo", "optim.overlong_buffer=4", "algo.dynamic_sampling=false")
-    state.extra["max_new_tokens"] = 8  # no penalty up to 8 - 4 = 4 tokens, then a ramp to -1 at 8
+    state.collector.max_episode_actions = 8  # no penalty up to 8 - 4 = 4 tokens, then a ramp to -1 at 8
     episodes = _episodes([1.0, 1.0, 1.0, 1.0], [2, 4, 6, 8], group_size=4)
     kept, metrics = shape_rewards(state, episodes)
     assert [e.reward for e in kept] == pytest.approx([1.0, 1.0, 0.5, 0.0])
@@ -573,9 +604,9 @@ def test_rl_step_is_reproducible_and_advances_the_sampling_seed(setup) -> None:
         state = make_state(setup)
         rows = prompts_for(setup, state)
         rl_step(state, rows)
-        first = [s["completion"] for s in state.extra["last_samples"]]
+        first = [s["completion"] for s in state.last_samples]
         rl_step(state, rows)
-        second = [s["completion"] for s in state.extra["last_samples"]]
+        second = [s["completion"] for s in state.last_samples]
         return first, second, snapshot(state.policy)
 
     first_a, second_a, params_a = two_steps()
@@ -638,7 +669,8 @@ def test_dr_grpo_update_uses_the_constant_length_normaliser(setup) -> None:
     expected_model = copy.deepcopy(state.policy)
     logprobs, _ = token_logprobs(expected_model, batch.input_ids, batch.attention_mask)
     rows_with_actions = int((batch.loss_mask.sum(dim=1) > 0).sum())
-    weights = batch.loss_mask / (rows_with_actions * state.extra["max_new_tokens"])
+    assert state.collector.max_row_actions == state.max_new_tokens  # single-turn: one completion per row
+    weights = batch.loss_mask / (rows_with_actions * state.max_new_tokens)
     (-(batch.advantages * logprobs * weights).sum()).backward()
     before = snapshot(state.policy)
     update(state, batch, step_seed=0)

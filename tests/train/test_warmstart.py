@@ -9,7 +9,7 @@ import torch
 from posttrain.data.tasks import get_task
 from posttrain.models.forward import token_logprobs
 from posttrain.models.load import load_policy
-from posttrain.train.step import encode_prompt
+from posttrain.rollout.collector import encode_prompt
 from posttrain.train.warmstart import demonstration, supervised_batch, warm_start
 
 ROW = {"prompt": "3-9=", "answer": "-6", "solution": "-6", "flawed_solution": "6"}

@@ -51,6 +51,17 @@ def _masked_loss(loss: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask > 0, loss, torch.zeros_like(loss))
 
 
+def _zero_off_mask(mask: Tensor, logprobs: Tensor, old_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+    """Both log-prob tensors with 0 where the mask is 0.
+
+    A masked position may hold anything (a vocabulary-masked tool token has log-prob -inf). Losses
+    that multiply a log-prob, or a weight made from one, by something that is 0 there would
+    otherwise send 0 * inf = NaN back through that position into the model's parameters.
+    """
+    keep = mask > 0
+    return torch.where(keep, logprobs, 0.0), torch.where(keep, old_logprobs, 0.0)
+
+
 def _row_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of each row over its trainable tokens: [B,T] -> [B]; 0 for a row with none."""
     return masked_mean(values, mask, dim=-1)
@@ -158,6 +169,7 @@ def cispo(
     reuses DAPO's clip-higher bound as a conservative cap on the weight.
     """
     mask = _mask_like(loss_mask, logprobs)
+    logprobs, old_logprobs = _zero_off_mask(mask, logprobs, old_logprobs)
     ratio = torch.exp(_log_ratio(logprobs, old_logprobs, log_ratio_clamp))
     weight = ratio.clamp(min=1.0 - clip_low, max=1.0 + clip_high).detach()
     loss = -weight * advantages * logprobs
@@ -213,6 +225,7 @@ def reinforce(
     IMPALA's V-trace, Espeholt et al. 2018); ``clipfrac`` is then the fraction truncated.
     """
     mask = _mask_like(loss_mask, logprobs)
+    logprobs, old_logprobs = _zero_off_mask(mask, logprobs, old_logprobs)
     ratio = torch.exp(_log_ratio(logprobs, old_logprobs, log_ratio_clamp))
     loss = -advantages * logprobs
     if is_clip is None:
@@ -307,6 +320,7 @@ def gspo_token(
     aggregation that weights a row's tokens equally.
     """
     mask = _mask_like(loss_mask, logprobs)
+    logprobs, old_logprobs = _zero_off_mask(mask, logprobs, old_logprobs)
     seq_log_ratio = _row_mean(_log_ratio(logprobs, old_logprobs, log_ratio_clamp), mask).detach()
     # exp(lp - sg(lp)) == 1 in value but carries d log pi_t into the gradient.
     token_ratio = torch.exp(seq_log_ratio.unsqueeze(-1) + logprobs - logprobs.detach())

@@ -68,8 +68,9 @@ class Batch:
 def collate_episodes(episodes: Sequence[Episode], pad_token_id: int) -> Batch:
     """Pad every sub-trace of every episode into one Batch (one row per trace, right padding).
 
-    The episode's outcome reward is placed on the last trainable token of its last sub-trace;
-    an episode with no trainable token keeps its reward nowhere (it cannot be credited).
+    The episode's outcome reward is added on the last trainable token of its last sub-trace, on top
+    of the traces' own per-token rewards; an episode with no trainable token keeps its outcome reward
+    nowhere (it cannot be credited).
     """
     # one row per sub-trace, each episode's sub-traces in segment order
     per_episode = [sorted(episode.traces, key=lambda t: t.segment_index) for episode in episodes]
@@ -92,12 +93,14 @@ def collate_episodes(episodes: Sequence[Episode], pad_token_id: int) -> Batch:
             attention_mask[row, :n] = 1
             loss_mask[row, :n] = torch.tensor(trace.loss_mask, dtype=torch.float32)
             rollout_logprobs[row, :n] = torch.tensor(trace.rollout_logprobs, dtype=torch.float32)
+            if trace.token_rewards is not None:
+                token_rewards[row, :n] = torch.tensor(trace.token_rewards, dtype=torch.float32)
             actions = [i for i, m in enumerate(trace.loss_mask) if m]
             if actions:
                 last_action = (row, actions[-1])
             row += 1
         if last_action is not None:
-            token_rewards[last_action] = float(episode.reward)
+            token_rewards[last_action] += float(episode.reward)
     return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -111,10 +114,20 @@ def collate_episodes(episodes: Sequence[Episode], pad_token_id: int) -> Batch:
     )
 
 
-def mini_batches(num_rows: int, num_mini_batches: int, generator: torch.Generator) -> list[Tensor]:
-    """A random split of ``range(num_rows)`` into ``num_mini_batches`` near-equal index tensors."""
-    if not 1 <= num_mini_batches <= num_rows:
-        raise ValueError(f"num_mini_batches must be in [1, {num_rows}], got {num_mini_batches}")
-    order = torch.randperm(num_rows, generator=generator)
+def mini_batches(episode_ids: Tensor, num_mini_batches: int, generator: torch.Generator) -> list[Tensor]:
+    """Row indices of ``num_mini_batches`` random mini-batches that never split an episode.
+
+    Episodes (not rows) are shuffled and split into near-equal parts; each part holds every row
+    (sub-trace) of its episodes, so GAE chaining and episode-mean aggregation see whole episodes.
+    ``episode_ids`` is ``[batch]``; the result is a list of int64 row-index tensors.
+    """
+    episodes, episode_of_row = torch.unique(episode_ids, return_inverse=True)
+    num_episodes = int(episodes.numel())
+    if not 1 <= num_mini_batches <= num_episodes:
+        raise ValueError(
+            f"num_mini_batches must be in [1, {num_episodes}] (episodes), got {num_mini_batches}"
+        )
+    order = torch.randperm(num_episodes, generator=generator)
     # tensor_split, unlike chunk, always gives exactly num_mini_batches parts (sizes differ by <= 1)
-    return list(torch.tensor_split(order, num_mini_batches))
+    parts = torch.tensor_split(order, num_mini_batches)
+    return [torch.nonzero(torch.isin(episode_of_row, part)).flatten() for part in parts]

@@ -39,6 +39,7 @@ __all__ = [
     "corpus",
     "get_task",
     "task_corpus",
+    "task_env",
 ]
 
 DEFAULT_TASK = "arithmetic"
@@ -54,6 +55,7 @@ class Task:
     reward_fns: list[RewardSpec]
     max_new_tokens: int
     description: str
+    env: str | None = None  # the built-in environment a multi-turn task runs in (envs/builtin)
 
 
 Row = dict[str, Any]
@@ -69,6 +71,9 @@ class _TaskDefinition:
     max_new_tokens: Callable[[Options], int]
     alphabet: Callable[[Options], str]
     validate: Callable[[Options], None] = field(default=lambda options: None)
+    env: str | None = None
+    # extra texts for the tiny tokenizer's corpus (e.g. whole agent transcripts, so BPE merges tool names)
+    corpus_texts: Callable[[list[Row]], list[str]] = field(default=lambda rows: [])
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -314,6 +319,29 @@ def _validate_math(options: Options) -> None:
         raise ValueError(f"task 'math': unknown templates {unknown}; available: {sorted(MATH_TEMPLATES)}")
 
 
+# ---------------------------------------------------------------- key chain (multi-turn agent task)
+
+
+def _key_chain_row(rng: random.Random, options: Options) -> Row:
+    from posttrain.envs.builtin.key_chain import sample_row
+
+    return sample_row(rng, min_horizon=options["min_horizon"], max_horizon=options["max_horizon"])
+
+
+def _validate_key_chain(options: Options) -> None:
+    low, high = options["min_horizon"], options["max_horizon"]
+    if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high <= 200):
+        raise ValueError(
+            f"task 'key_chain': need integers 1 <= min_horizon <= max_horizon <= 200, got {low!r} and {high!r}"
+        )
+
+
+def _key_chain_corpus(rows: list[Row]) -> list[str]:
+    from posttrain.envs.builtin.key_chain import transcript_corpus
+
+    return transcript_corpus(rows[:64])
+
+
 # ---------------------------------------------------------------- registry
 
 TASKS: dict[str, _TaskDefinition] = {
@@ -350,7 +378,26 @@ TASKS: dict[str, _TaskDefinition] = {
         alphabet=_math_alphabet,
         validate=_validate_math,
     ),
+    "key_chain": _TaskDefinition(
+        description=(
+            "Multi-turn tool use: follow a chain of keys with lookup(key) calls, each answer naming the next "
+            "key, then answer(last key); horizon = lookups needed. Runs in the key_chain environment."
+        ),
+        defaults={"min_horizon": 4, "max_horizon": 4},
+        sample=_key_chain_row,
+        rewards=(),
+        max_new_tokens=lambda options: 12,
+        alphabet=lambda options: string.digits + "()= \nabcdefghijklmnopqrstuvwxyz:,",
+        validate=_validate_key_chain,
+        env="key_chain",
+        corpus_texts=_key_chain_corpus,
+    ),
 }
+
+
+def task_env(name: str | None) -> str | None:
+    """The environment of built-in task ``name`` (None for single-turn or unknown tasks)."""
+    return TASKS[name].env if name in TASKS else None
 
 
 def available_tasks() -> list[str]:
@@ -419,6 +466,7 @@ def get_task(
         if max_new_tokens is not None
         else definition.max_new_tokens(merged),
         description=definition.description,
+        env=definition.env,
     )
 
 
@@ -432,7 +480,7 @@ def task_corpus(task: Task) -> list[str]:
     """Texts covering every character of the task's prompts and solutions, for tokenizer training:
     the built-in alphabet (if ``task.name`` is a built-in task) followed by all prompts, solutions
     and answers."""
-    texts = [corpus(task.name)] if task.name in TASKS else []
+    texts = [corpus(task.name)] + TASKS[task.name].corpus_texts(task.train) if task.name in TASKS else []
     for row in [*task.train, *task.test]:
         texts.extend(str(row[key]) for key in ("prompt", "solution", "answer") if row.get(key) is not None)
     return texts

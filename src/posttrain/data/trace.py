@@ -7,8 +7,7 @@ one Trace for a single-turn task, several sub-traces when a long episode is comp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 
 @dataclass
@@ -16,8 +15,10 @@ class Trace:
     """One row: ``tokens``, ``loss_mask`` and ``rollout_logprobs`` are aligned, one entry per token.
 
     ``rollout_logprobs[t]`` is the sampler's log-prob of ``tokens[t]`` (0 where ``loss_mask[t] == 0``).
-    ``ended`` is True when the episode terminated inside this trace; False when it was cut off
-    (truncated, or continued in the next sub-trace).
+    ``token_rewards[t]`` (optional, aligned too) is a reward received after token t: a per-turn reward
+    on the turn's last action token, a penalty on a tool call's tokens; collation adds it to the
+    batch's ``token_rewards``. ``ended`` is True when the episode terminated inside this trace;
+    False when it was cut off (truncated, or continued in the next sub-trace).
     """
 
     tokens: list[int]
@@ -27,27 +28,46 @@ class Trace:
     group_id: int
     segment_index: int = 0
     ended: bool = True
+    token_rewards: list[float] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
-        if len(self.loss_mask) != n or len(self.rollout_logprobs) != n:
+        rewards = n if self.token_rewards is None else len(self.token_rewards)
+        if len(self.loss_mask) != n or len(self.rollout_logprobs) != n or rewards != n:
             raise ValueError(
                 f"Trace fields must align: {n} tokens, {len(self.loss_mask)} loss_mask entries, "
-                f"{len(self.rollout_logprobs)} rollout_logprobs"
+                f"{len(self.rollout_logprobs)} rollout_logprobs, {rewards} token_rewards"
             )
 
     @property
     def num_actions(self) -> int:
         return sum(self.loss_mask)
 
+    @property
+    def reward_sum(self) -> float:
+        return float(sum(self.token_rewards)) if self.token_rewards is not None else 0.0
+
 
 @dataclass
 class Episode:
-    """An ordered list of sub-traces plus the episode's outcome reward and free-form info."""
+    """An ordered list of sub-traces plus the episode's outcome reward.
+
+    ``reward`` is placed on the last trainable token of the last sub-trace; rewards that arrive
+    during the episode (per turn) live in the traces' ``token_rewards``. ``total_reward`` is the sum
+    of both: what group estimators compare and dynamic sampling filters on.
+    """
 
     traces: list[Trace]
     reward: float = 0.0
-    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_reward(self) -> float:
+        return self.reward + sum(trace.reward_sum for trace in self.traces)
+
+    @property
+    def num_actions(self) -> int:
+        """Trainable (policy-sampled) tokens over all sub-traces."""
+        return sum(trace.num_actions for trace in self.traces)
 
     @property
     def episode_id(self) -> int:

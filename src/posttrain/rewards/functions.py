@@ -8,17 +8,13 @@ with the attribute ``batched = True`` is instead called once per batch as
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import math
 import numbers
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from posttrain.plugins import load_from_spec
 from posttrain.rewards.verifiers import arithmetic_exact, countdown, format_answer_tag, math_verify
 
 __all__ = [
@@ -27,6 +23,7 @@ __all__ = [
     "RewardFunctionError",
     "RewardSpec",
     "RewardSpecError",
+    "RewardTerm",
     "resolve_reward_fn",
     "resolve_reward_specs",
     "score_completions",
@@ -67,6 +64,14 @@ class RewardSpec:
     weight: float = 1.0
 
 
+class RewardTerm(NamedTuple):
+    """A resolved reward term: its metric name, the callable and its weight in the weighted sum."""
+
+    name: str
+    fn: Callable[..., Any]
+    weight: float
+
+
 _SPEC_HELP = (
     "give a built-in name ({builtins}), an import path 'package.module:function', "
     "or a file path 'path/to/file.py:function'"
@@ -85,49 +90,6 @@ def _callable_name(fn: Callable[..., Any]) -> str:
     return str(name)
 
 
-def _import_file(path_text: str, spec: str) -> Any:
-    """Import a .py file as a module under a stable private name (so it can be pickled by name)."""
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise RewardSpecError(
-            f"reward function {spec!r}: file {str(path)!r} does not exist; "
-            "give an existing .py file as 'path/to/file.py:function' (relative to the working directory)"
-        )
-    resolved = path.resolve()
-    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
-    module_name = f"_posttrain_reward_{resolved.stem}_{digest}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    module_spec = importlib.util.spec_from_file_location(module_name, resolved)
-    if module_spec is None or module_spec.loader is None:
-        raise RewardSpecError(f"reward function {spec!r}: cannot load {str(path)!r} as a Python module")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as error:
-        del sys.modules[module_name]
-        raise RewardSpecError(
-            f"reward function {spec!r}: importing {str(path)!r} failed with {type(error).__name__}: {error}"
-        ) from error
-    return module
-
-
-def _import_module(module_name: str, spec: str) -> Any:
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        raise RewardSpecError(
-            f"reward function {spec!r}: cannot import module {module_name!r} ({error}); "
-            "install it or put its folder on PYTHONPATH, or give a file path 'path/to/file.py:function'"
-        ) from error
-    except Exception as error:
-        raise RewardSpecError(
-            f"reward function {spec!r}: importing module {module_name!r} failed with "
-            f"{type(error).__name__}: {error}"
-        ) from error
-
-
 def resolve_reward_fn(spec: str | Callable[..., Any]) -> tuple[str, Callable[..., Any]]:
     """Turn a reward spec into ``(name, callable)``.
 
@@ -143,24 +105,7 @@ def resolve_reward_fn(spec: str | Callable[..., Any]) -> tuple[str, Callable[...
         return text, BUILTIN_REWARDS[text]
     if ":" not in text:
         raise RewardSpecError(f"unknown reward function {spec!r}: {_spec_help()}")
-    module_part, _, attribute = text.rpartition(":")
-    if not module_part or not attribute:
-        raise RewardSpecError(f"reward function {spec!r} is malformed: {_spec_help()}")
-    is_file = module_part.endswith(".py") or "/" in module_part or "\\" in module_part
-    module = _import_file(module_part, spec) if is_file else _import_module(module_part, spec)
-    if not hasattr(module, attribute):
-        available = sorted(
-            name
-            for name, value in vars(module).items()
-            if callable(value)
-            and not name.startswith("_")
-            and getattr(value, "__module__", None) == module.__name__
-        )
-        raise RewardSpecError(
-            f"reward function {spec!r}: {module_part!r} has no attribute {attribute!r}; "
-            f"callables defined there: {available}"
-        )
-    fn = getattr(module, attribute)
+    attribute, fn = load_from_spec(text, kind="reward function", error=RewardSpecError, hint=_spec_help())
     if not callable(fn):
         raise RewardSpecError(
             f"reward function {spec!r}: {attribute!r} is a {type(fn).__name__}, not callable; "
@@ -171,13 +116,13 @@ def resolve_reward_fn(spec: str | Callable[..., Any]) -> tuple[str, Callable[...
 
 def resolve_reward_specs(
     specs: Sequence[RewardSpec | str | Callable[..., Any]],
-) -> list[tuple[str, Callable[..., Any], float]]:
-    """Resolve specs into the ``(name, fn, weight)`` list that ``score_completions`` takes.
+) -> list[RewardTerm]:
+    """Resolve specs into the ``RewardTerm(name, fn, weight)`` list that ``score_completions`` takes.
 
     Bare strings and callables get weight 1.0; repeated names get suffixes ``_2``, ``_3``, ... so
     every term keeps its own per-function metric.
     """
-    resolved: list[tuple[str, Callable[..., Any], float]] = []
+    resolved: list[RewardTerm] = []
     seen: dict[str, int] = {}
     for spec in specs:
         reward_spec = spec if isinstance(spec, RewardSpec) else RewardSpec(spec)
@@ -186,7 +131,7 @@ def resolve_reward_specs(
         if not math.isfinite(weight):
             raise RewardSpecError(f"reward function {name!r}: weight must be a finite number, got {weight}")
         seen[name] = seen.get(name, 0) + 1
-        resolved.append((name if seen[name] == 1 else f"{name}_{seen[name]}", fn, weight))
+        resolved.append(RewardTerm(name if seen[name] == 1 else f"{name}_{seen[name]}", fn, weight))
     return resolved
 
 
@@ -273,7 +218,7 @@ def _score_batched(
 
 
 def score_completions(
-    reward_fns: list[tuple[str, Callable[..., Any], float]],
+    reward_fns: Sequence[RewardTerm | tuple[str, Callable[..., Any], float]],
     prompts: list[str],
     completions: list[str],
     rows: list[dict],

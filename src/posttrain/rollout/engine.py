@@ -7,19 +7,25 @@ from typing import Protocol, runtime_checkable
 
 from torch import nn
 
-FINISH_STOP = "stop"  # the policy emitted EOS (included in completion_ids as an action)
+FINISH_STOP = "stop"  # the policy emitted EOS or a stop string (included in completion_ids as an action)
 FINISH_LENGTH = "length"  # max_new_tokens reached without EOS
 
 
 @dataclass
 class SamplingParams:
-    """Sampling settings: ``temperature == 0`` is greedy; ``top_k == 0`` / ``top_p == 1`` turn those off."""
+    """Sampling settings: ``temperature == 0`` is greedy; ``top_k == 0`` / ``top_p == 1`` turn those off.
+
+    ``stop`` strings end a completion (e.g. a turn ends at ``"</tool_call>"`` or a newline): the
+    completion keeps the tokens up to and including the one that completes the first stop string,
+    and its ``finish_reason`` is ``"stop"``, as for EOS.
+    """
 
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     stop_on_eos: bool = True
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -30,6 +36,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        self.stop = tuple(self.stop)
+        if any(not isinstance(text, str) or not text for text in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 
     @property
     def greedy(self) -> bool:

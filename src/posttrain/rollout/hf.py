@@ -42,6 +42,19 @@ def cut_at_eos(generated: list[int], eos_token_ids: set[int], *, stop_on_eos: bo
     return generated, FINISH_LENGTH
 
 
+def cut_at_stop_string(
+    ids: list[int], reason: str, stop: Sequence[str], decode: Any
+) -> tuple[list[int], str]:
+    """The shortest prefix of ``ids`` whose text contains one of the ``stop`` strings (finish "stop");
+    ``(ids, reason)`` unchanged when none occurs. ``decode`` maps token ids to text."""
+    if not stop or not any(text in decode(ids) for text in stop):
+        return ids, reason
+    for end in range(1, len(ids) + 1):
+        if any(text in decode(ids[:end]) for text in stop):
+            return ids[:end], FINISH_STOP
+    return ids, reason
+
+
 def eos_ids_of(model: nn.Module, tokenizer: Any) -> set[int]:
     """EOS ids from the tokenizer and the model's generation config (some models have several)."""
     ids: set[int] = set()
@@ -112,6 +125,7 @@ class HFRolloutEngine:
             top_k=params.top_k if not params.greedy else 50,
             # An empty list (not None, which generate would fill from the model) disables stopping.
             eos_token_id=sorted(self.eos_token_ids) if params.stop_on_eos else [],
+            stop_strings=list(params.stop) or None,
             pad_token_id=self.pad_token_id,
             use_cache=True,
             num_beams=1,
@@ -137,9 +151,17 @@ class HFRolloutEngine:
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             generation_config=self.generation_config(params),
+            tokenizer=self.tokenizer if params.stop else None,  # generate's stop-string criterion needs it
         )
         generated = sequences[:, input_ids.shape[1] :].tolist()
-        cut = [cut_at_eos(row, self.eos_token_ids, stop_on_eos=params.stop_on_eos) for row in generated]
+        cut = [
+            cut_at_stop_string(
+                *cut_at_eos(row, self.eos_token_ids, stop_on_eos=params.stop_on_eos),
+                params.stop,
+                self._decode,
+            )
+            for row in generated
+        ]
         logprobs = self._behaviour_logprobs(prompts, [ids for ids, _ in cut], params.logprob_temperature)
         return [
             Completion(
@@ -147,10 +169,13 @@ class HFRolloutEngine:
                 completion_ids=ids,
                 logprobs=row_logprobs,
                 finish_reason=reason,
-                text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                text=self._decode(ids),
             )
             for prompt, (ids, reason), row_logprobs in zip(prompts, cut, logprobs)
         ]
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _behaviour_logprobs(
         self, prompts: list[list[int]], completions: list[list[int]], temperature: float

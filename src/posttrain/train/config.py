@@ -72,11 +72,41 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
+    stop: list[str] = Field(
+        default_factory=list,
+        description="stop strings ending a completion (or a turn, besides the environment's own)",
+    )
     reuse_logprobs: bool = Field(
         True,
         description="use the engine's log-probs as old_logprobs when it computes them with the "
         "training forward on the current weights (the HF engine); False recomputes them",
     )
+
+
+class EnvConfig(Section):
+    """Multi-turn agent tasks: the environment and the limits of its episodes."""
+
+    name: str | None = Field(
+        None,
+        description="built-in environment (key_chain) or 'module:Class' / 'path/file.py:Class' (a TextEnv); "
+        "None = the task's own environment if it has one, else the task is single-turn",
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the environment")
+    max_turns: int = Field(64, ge=1, description="turns per episode; more ends it as truncated")
+    max_episode_tokens: int = Field(1024, ge=1, description="policy-written tokens per episode, all turns")
+    max_tool_output_tokens: int = Field(32, ge=1, description="longer observations are cut, with a marker")
+    context_budget: int = Field(
+        160,
+        ge=8,
+        description="tokens one sub-trace may hold; when the next observation and turn would not fit, "
+        "the context is compacted into a new sub-trace",
+    )
+    compaction: Literal["rule", "none"] = Field(
+        "rule",
+        description="rule: restart from the task, the environment's summary and the last keep_turns turns; "
+        "none: end the episode (truncated) when its context is full",
+    )
+    keep_turns: int = Field(1, ge=0, description="turns kept verbatim after a rule compaction")
 
 
 class AlgorithmOverrides(Section):
@@ -157,6 +187,7 @@ class TrainConfig(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
+    env: EnvConfig = EnvConfig()
     algo: AlgorithmOverrides = AlgorithmOverrides()
     optim: OptimConfig = OptimConfig()
     warmstart: WarmStartConfig = WarmStartConfig()
@@ -201,6 +232,7 @@ class TrainConfig(Section):
                 f"rollout.group_size must be >= 2 for {self.algorithm!r} (a group baseline needs "
                 "several samples per prompt); got 1"
             )
+        self._check_env()
         self._resolve_batch_size()
         rows = self.rollout.prompts_per_step * self.rollout.group_size
         if self.optim.num_mini_batches > rows:
@@ -209,6 +241,24 @@ class TrainConfig(Section):
                 f"(rollout.prompts_per_step * rollout.group_size = {rows})"
             )
         return self
+
+    def uses_env(self) -> bool:
+        """True when the run collects multi-turn episodes from an environment."""
+        from posttrain.data.tasks import task_env
+
+        return self.env.name is not None or (self.data.path is None and task_env(self.data.task) is not None)
+
+    def _check_env(self) -> None:
+        """env.* settings must act: refuse them for a single-turn run instead of ignoring them."""
+        if self.uses_env():
+            return
+        defaults, current = EnvConfig().model_dump(), self.env.model_dump()
+        changed = sorted(key for key in current if current[key] != defaults[key])
+        if changed:
+            raise ValueError(
+                f"env.{changed[0]} is set, but the task {self.data.task or self.data.path!r} is single-turn; "
+                "set env.name to an environment (e.g. key_chain) or drop the env settings"
+            )
 
     def _resolve_batch_size(self) -> None:
         rollout = self.rollout

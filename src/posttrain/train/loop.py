@@ -24,7 +24,7 @@ from posttrain.train.config import TrainConfig, load_config
 from posttrain.train.evaluate import evaluate
 from posttrain.train.logging import CONFIG_FILE, RunLogger, TrainProgress, read_metrics
 from posttrain.train.setup import build_state, build_task, embedded_model_path, seed_everything
-from posttrain.train.step import TrainState, rl_step
+from posttrain.train.step import TrainState, rl_step, sampling_params
 
 
 @dataclass
@@ -54,15 +54,8 @@ def rows_for_step(
 
 def _run_eval(state: TrainState, task: Task) -> dict[str, Any]:
     cfg = state.config
-    return evaluate(
-        state.engine,
-        state.tokenizer,
-        task.test[: cfg.eval.num_prompts],
-        state.reward_fns,
-        max_new_tokens=task.max_new_tokens,
-        temperature=cfg.eval.temperature,
-        seed=cfg.run.seed,
-    )
+    params = sampling_params(cfg, max_new_tokens=state.max_new_tokens, temperature=cfg.eval.temperature)
+    return evaluate(state.collector, task.test[: cfg.eval.num_prompts], params, seed=cfg.run.seed)
 
 
 def _checkpoint(state: TrainState, run_dir: Path, model_path: Path) -> Path:
@@ -157,7 +150,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
             if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.optim.steps:
                 metrics.update({k: v for k, v in _run_eval(state, task).items() if k != "samples"})
             logger.log_metrics(state.step, metrics)
-            logger.log_samples(state.step, state.extra["last_samples"][: cfg.logging.num_samples])
+            logger.log_samples(state.step, state.last_samples[: cfg.logging.num_samples])
             progress.update(state.step, metrics)
             every = cfg.logging.checkpoint_every
             if every and state.step % every == 0 and state.step < cfg.optim.steps:

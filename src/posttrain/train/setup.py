@@ -15,14 +15,20 @@ from transformers import get_scheduler
 from posttrain.algorithms.kl import AdaptiveKLController, FixedKLController
 from posttrain.data.datasets import load_rows, task_from_rows
 from posttrain.data.tasks import Task, get_task, task_corpus
+from posttrain.envs.registry import env_factory
 from posttrain.models.critic import ValueModel
 from posttrain.models.load import LoraSettings, ReferencePolicy, load_policy
 from posttrain.models.tiny import build_tiny_model
-from posttrain.rewards.functions import RewardSpec, resolve_reward_fn
+from posttrain.rewards.functions import RewardSpec, resolve_reward_specs
+from posttrain.rollout.collector import Collector
+from posttrain.rollout.engine import RolloutEngine, SamplingParams
 from posttrain.rollout.hf import HFRolloutEngine
+from posttrain.rollout.multi_turn import MultiTurnCollector, TurnLimits
+from posttrain.rollout.scripted import ScriptedEngine
+from posttrain.rollout.single_turn import SingleTurnCollector
 from posttrain.train.config import TrainConfig
 from posttrain.train.step import TrainState
-from posttrain.train.warmstart import warm_start
+from posttrain.train.warmstart import Demonstration, DemonstrationSource, warm_start
 
 
 def seed_everything(seed: int) -> None:
@@ -63,12 +69,28 @@ def build_task(cfg: TrainConfig) -> Task:
     return task
 
 
-def resolve_rewards(task: Task) -> list[tuple[str, Any, float]]:
-    resolved = []
-    for spec in task.reward_fns:
-        name, fn = resolve_reward_fn(spec.fn)
-        resolved.append((name, fn, float(spec.weight)))
-    return resolved
+def env_name(cfg: TrainConfig, task: Task) -> str | None:
+    """The environment the run collects episodes from: ``env.name``, else the task's own, else None."""
+    return cfg.env.name or (task.env if cfg.data.path is None else None)
+
+
+def build_collector(cfg: TrainConfig, task: Task, engine: RolloutEngine, tokenizer: Any) -> Collector:
+    """The multi-turn collector when the run has an environment, else the single-turn one."""
+    name = env_name(cfg, task)
+    if name is None:
+        return SingleTurnCollector(
+            engine, tokenizer, resolve_reward_specs(task.reward_fns), task.max_new_tokens
+        )
+    env = cfg.env
+    limits = TurnLimits(
+        max_turns=env.max_turns,
+        max_episode_tokens=env.max_episode_tokens,
+        max_tool_output_tokens=env.max_tool_output_tokens,
+        context_budget=env.context_budget,
+        compaction=env.compaction,
+        keep_turns=env.keep_turns,
+    )
+    return MultiTurnCollector(engine, tokenizer, env_factory(name, env.options), limits, task.max_new_tokens)
 
 
 def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
@@ -79,16 +101,15 @@ def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
     settings and the seed.
     """
     corpus = task_corpus(task)
-    demonstrations = [[row.get(k) for k in ("prompt", "solution", "flawed_solution")] for row in task.train]
+    name = env_name(cfg, task)
+    demonstrations: Any = [
+        [row.get(k) for k in ("prompt", "solution", "flawed_solution")] for row in task.train
+    ]
+    shape: dict[str, Any] = {"warmstart": cfg.warmstart.model_dump()}
+    if name is not None:  # agent demonstrations depend on the whole task and the episode limits
+        demonstrations, shape["env"] = task.train, cfg.env.model_dump() | {"name": name}
     base_key = _short_hash({"corpus": corpus})
-    warm_key = _short_hash(
-        {
-            "corpus": corpus,
-            "rows": demonstrations,
-            "seed": cfg.run.seed,
-            "warmstart": cfg.warmstart.model_dump(),
-        }
-    )
+    warm_key = _short_hash({"corpus": corpus, "rows": demonstrations, "seed": cfg.run.seed, **shape})
     cache = Path(cfg.run.output_dir) / ".cache"
     size = f"h{cfg.model.tiny_hidden_size}-l{cfg.model.tiny_layers}"
     base = build_tiny_model(
@@ -98,7 +119,8 @@ def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
         num_layers=cfg.model.tiny_layers,
         seed=cfg.run.seed,
     )
-    if cfg.warmstart.steps == 0 or not all("solution" in row for row in task.train):
+    source = scripted_demonstrations(cfg, task) if name is not None else None
+    if cfg.warmstart.steps == 0 or (source is None and not all("solution" in row for row in task.train)):
         return base  # nothing to imitate: a dataset without solutions starts RL from the fresh model
     return warm_start(
         base,
@@ -107,7 +129,30 @@ def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
         cfg.warmstart,
         seed=cfg.run.seed,
         progress=cfg.logging.progress,
+        source=source,
     )
+
+
+def scripted_demonstrations(cfg: TrainConfig, task: Task) -> DemonstrationSource | None:
+    """Warm-start demonstrations for an agent task: episodes of the environment's own scripted
+    demonstrator (``env.demonstrate(context, rng, flawed_fraction) -> action``), collected by the
+    same collector as RL, so they carry the same observations and compaction; one per sub-trace.
+    None when the environment has no demonstrator."""
+    name = env_name(cfg, task)
+    assert name is not None
+    demonstrate = getattr(env_factory(name, cfg.env.options)(), "demonstrate", None)
+    if demonstrate is None:
+        return None
+    params = SamplingParams(max_new_tokens=task.max_new_tokens, stop=tuple(cfg.rollout.stop))
+
+    def source(tokenizer: Any, rows: list[dict[str, Any]], rng: random.Random) -> list[Demonstration]:
+        engine = ScriptedEngine(
+            tokenizer, lambda context: demonstrate(context, rng, cfg.warmstart.flawed_fraction)
+        )
+        rollout = build_collector(cfg, task, engine, tokenizer).collect(rows, params, group_size=1, seed=0)
+        return [(trace.tokens, trace.loss_mask) for episode in rollout.episodes for trace in episode.traces]
+
+    return source
 
 
 _SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -168,13 +213,15 @@ def build_state(
             if optim.adaptive_kl_target
             else FixedKLController(preset.kl_coef)
         )
-    state = TrainState(
+    engine = HFRolloutEngine(policy, tokenizer)
+    return TrainState(
         config=cfg,
         preset=preset,
         policy=policy,
         tokenizer=tokenizer,
-        engine=HFRolloutEngine(policy, tokenizer),
-        reward_fns=resolve_rewards(task),
+        engine=engine,
+        collector=build_collector(cfg, task, engine, tokenizer),
+        max_new_tokens=task.max_new_tokens,
         policy_optimizer=policy_optimizer,
         policy_scheduler=policy_scheduler,
         reference=reference,
@@ -183,5 +230,3 @@ def build_state(
         critic_scheduler=critic_scheduler,
         kl_controller=kl_controller,
     )
-    state.extra["max_new_tokens"] = task.max_new_tokens
-    return state

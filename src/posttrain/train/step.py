@@ -1,6 +1,6 @@
 """One RL training step, top to bottom, as in the papers' pseudo-code.
 
-    rollout -> rewards -> (old, reference log-probs; values) -> KL-in-reward -> advantages
+    collect (rollout + rewards) -> (old, reference log-probs; values) -> KL-in-reward -> advantages
             -> epochs x mini-batches of clipped-surrogate updates (+ KL loss, entropy, critic)
 
 The same function runs PPO, GRPO, GSPO and every other preset: the preset only picks names.
@@ -24,23 +24,29 @@ from posttrain.algorithms.registry import ADVANTAGES, POLICY_LOSSES
 from posttrain.algorithms.shaping import dynamic_sampling_keep, overlong_penalty
 from posttrain.algorithms.value import clipped_value_loss, explained_variance
 from posttrain.data.batch import Batch, collate_episodes, mini_batches
-from posttrain.data.trace import Episode, single_turn_trace
+from posttrain.data.trace import Episode
 from posttrain.models.forward import token_logprobs
-from posttrain.rewards.functions import score_completions
-from posttrain.rollout.engine import Completion, RolloutEngine, SamplingParams
+from posttrain.rollout.collector import Collector
+from posttrain.rollout.engine import RolloutEngine, SamplingParams
 from posttrain.train.config import TrainConfig
 
 
 @dataclass
 class TrainState:
-    """Everything a step reads and updates; built once by ``train.setup``."""
+    """Everything a step reads and updates; built once by ``train.setup``.
+
+    ``collector`` turns a step's rows into scored episodes (single-turn or against an environment);
+    ``max_new_tokens`` is the budget of one completion (or one turn); ``last_samples`` holds the
+    readable samples of the latest rollout for samples.jsonl.
+    """
 
     config: TrainConfig
     preset: AlgorithmPreset
     policy: torch.nn.Module
     tokenizer: Any
     engine: RolloutEngine
-    reward_fns: list[tuple[str, Any, float]]
+    collector: Collector
+    max_new_tokens: int
     policy_optimizer: torch.optim.Optimizer
     policy_scheduler: Any
     reference: Any | None = None
@@ -50,70 +56,19 @@ class TrainState:
     kl_controller: FixedKLController | AdaptiveKLController | None = None
     step: int = 0
     data_position: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    last_samples: list[dict[str, Any]] = field(default_factory=list)
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """The model's chat template when it has one, else the plain prompt text."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-
-
-def rollout(
-    state: TrainState, rows: Sequence[dict[str, Any]], seed: int
-) -> tuple[list[Episode], list[Completion], dict[str, float]]:
-    """Sample ``group_size`` completions per prompt and score them. Returns one Episode per sample."""
-    cfg = state.config
-    group_size = cfg.rollout.group_size
-    prompt_ids = [encode_prompt(state.tokenizer, row["prompt"]) for row in rows]
-    params = sampling_params(cfg, max_new_tokens=state.extra["max_new_tokens"])
-    repeated = [ids for ids in prompt_ids for _ in range(group_size)]
-    completions = state.engine.generate(repeated, params, seed=seed)
-    samples_rows = [row for row in rows for _ in range(group_size)]
-    prompts = [row["prompt"] for row in samples_rows]
-    rewards, per_fn = score_completions(
-        state.reward_fns, prompts, [c.text for c in completions], list(samples_rows)
-    )
-    episodes = []
-    for index, (completion, reward) in enumerate(zip(completions, rewards, strict=True)):
-        trace = single_turn_trace(
-            completion.prompt_ids,
-            completion.completion_ids,
-            completion.logprobs,
-            episode_id=index,
-            group_id=index // group_size,
-            ended=completion.finish_reason == "stop",
-        )
-        episodes.append(Episode(traces=[trace], reward=float(reward)))
-    first_fn = state.reward_fns[0][0]
-    metrics = {
-        "reward_mean": float(torch.tensor(rewards).mean()),
-        "reward_std": float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
-        "accuracy": float(torch.tensor([s >= 1.0 for s in per_fn[first_fn]], dtype=torch.float).mean()),
-        "response_length": float(torch.tensor([len(c.completion_ids) for c in completions]).float().mean()),
-        "truncated_fraction": float(
-            torch.tensor([c.finish_reason == "length" for c in completions]).float().mean()
-        ),
-    }
-    for name, scores in per_fn.items():
-        metrics[f"reward/{name}"] = float(torch.tensor(scores).mean())
-    state.extra["last_samples"] = [
-        {"prompt": p, "completion": c.text, "reward": r, "answer": row.get("answer")}
-        for p, c, r, row in zip(prompts, completions, rewards, samples_rows, strict=True)
-    ]
-    return episodes, completions, metrics
-
-
-def sampling_params(cfg: TrainConfig, *, max_new_tokens: int) -> SamplingParams:
+def sampling_params(
+    cfg: TrainConfig, *, max_new_tokens: int, temperature: float | None = None
+) -> SamplingParams:
+    """The rollout settings of ``cfg`` (``temperature`` overrides, e.g. 0 for greedy evaluation)."""
     return SamplingParams(
         max_new_tokens=max_new_tokens,
-        temperature=cfg.rollout.temperature,
+        temperature=cfg.rollout.temperature if temperature is None else temperature,
         top_p=cfg.rollout.top_p,
         top_k=cfg.rollout.top_k,
+        stop=tuple(cfg.rollout.stop),
     )
 
 
@@ -123,19 +78,24 @@ def logprob_temperature(cfg: TrainConfig) -> float:
 
 
 def shape_rewards(state: TrainState, episodes: list[Episode]) -> tuple[list[Episode], dict[str, float]]:
-    """DAPO overlong shaping and dynamic sampling, when the preset asks for them."""
+    """DAPO overlong shaping and dynamic sampling, when the preset asks for them.
+
+    An episode's length is its trainable tokens over all sub-traces, against the most the collector
+    lets one episode write.
+    """
     metrics: dict[str, float] = {}
     if state.preset.overlong_shaping:
-        lengths = torch.tensor([float(e.traces[-1].num_actions) for e in episodes])
+        max_length = state.collector.max_episode_actions
+        lengths = torch.tensor([float(e.num_actions) for e in episodes])
         penalty = overlong_penalty(
             lengths,
-            max_length=state.extra["max_new_tokens"],
-            buffer_length=min(state.config.optim.overlong_buffer, state.extra["max_new_tokens"]),
+            max_length=max_length,
+            buffer_length=min(state.config.optim.overlong_buffer, max_length),
         )
         for episode, p in zip(episodes, penalty.tolist(), strict=True):
             episode.reward += p
         metrics["overlong_penalty"] = float(penalty.mean())
-    scores = torch.tensor([e.reward for e in episodes])
+    scores = torch.tensor([e.total_reward for e in episodes])
     group_ids = torch.tensor([e.group_id for e in episodes])
     keep = dynamic_sampling_keep(scores, group_ids)
     metrics["zero_variance_groups"] = 1.0 - float(keep.float().mean())
@@ -215,19 +175,19 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
     train_policy = policy_trains(state)
     kl_in_loss = preset.kl_placement == "loss" and batch.ref_logprobs is not None
     generator = torch.Generator().manual_seed(step_seed)
-    # dynamic sampling may leave fewer rows than the configured number of mini-batches
-    num_mini_batches = min(cfg.optim.num_mini_batches, len(batch))
+    # dynamic sampling may leave fewer episodes than the configured number of mini-batches
+    num_mini_batches = min(cfg.optim.num_mini_batches, int(torch.unique(batch.episode_ids).numel()))
     sums: dict[str, float] = {}
     num_micro = num_steps = 0
     state.policy.train()
     for _epoch in range(cfg.optim.epochs):
-        for rows in mini_batches(len(batch), num_mini_batches, generator):
+        for rows in mini_batches(batch.episode_ids, num_mini_batches, generator):
             mini = batch.select(rows)
             mini.loss_weights = token_weights(
                 mini.loss_mask,
                 preset.aggregation,
                 episode_ids=mini.episode_ids,
-                constant=float(state.extra["max_new_tokens"]),
+                constant=float(state.collector.max_row_actions),
             )
             # the critic regresses every token equally, whatever the policy's aggregation
             mini.value_weights = token_weights(mini.loss_mask, "token-mean")
@@ -322,9 +282,12 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
     seed = cfg.run.seed * 1_000_003 + state.step
     t0 = time.perf_counter()
     state.policy.eval()
-    episodes, completions, metrics = rollout(state, rows, seed)
+    params = sampling_params(cfg, max_new_tokens=state.max_new_tokens)
+    rollout = state.collector.collect(rows, params, group_size=cfg.rollout.group_size, seed=seed)
+    state.last_samples = rollout.samples
+    metrics = dict(rollout.metrics)
     t1 = time.perf_counter()
-    episodes, shaping_metrics = shape_rewards(state, episodes)
+    episodes, shaping_metrics = shape_rewards(state, rollout.episodes)
     metrics.update(shaping_metrics)
     batch = collate_episodes(episodes, state.tokenizer.pad_token_id)
     fill_old_ref_values(state, batch, logprob_temperature(cfg))
@@ -344,7 +307,7 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
         metrics["explained_variance"] = float(
             explained_variance(batch.values, batch.returns, batch.loss_mask)
         )
-    generated = sum(len(c.completion_ids) for c in completions)
+    generated = rollout.generated_tokens
     metrics.update(
         {
             "time/generate": t1 - t0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,29 +16,39 @@ from posttrain.algorithms.masked import masked_mean
 from posttrain.data.tasks import Task
 from posttrain.models.forward import token_logprobs
 from posttrain.models.load import load_policy
+from posttrain.rollout.collector import encode_prompt
+from posttrain.rollout.hf import pad_batch
 from posttrain.train.logging import TrainProgress
 
+# one demonstration: token ids and their loss mask (1 = imitate this token)
+Demonstration = tuple[list[int], list[int]]
+# (tokenizer, rows, rng) -> demonstrations for those rows (e.g. scripted agent episodes)
+DemonstrationSource = Callable[[Any, list[dict[str, Any]], random.Random], list[Demonstration]]
 
-def supervised_batch(tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, ...]:
-    """Right-padded ``prompt + solution + eos``; the loss mask covers solution and eos only."""
-    from posttrain.train.step import encode_prompt
 
-    sequences, masks = [], []
+def row_demonstrations(tokenizer: Any, rows: list[dict[str, Any]]) -> list[Demonstration]:
+    """``prompt + solution + eos`` per row; the loss mask covers solution and eos only."""
+    out = []
     for row in rows:
         prompt = encode_prompt(tokenizer, row["prompt"])
         answer = list(tokenizer(row["solution"], add_special_tokens=False)["input_ids"])
         answer.append(tokenizer.eos_token_id)
-        sequences.append(prompt + answer)
-        masks.append([0] * len(prompt) + [1] * len(answer))
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), width))
-    for i, (seq, mask) in enumerate(zip(sequences, masks, strict=True)):
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        attention_mask[i, : len(seq)] = 1
-        loss_mask[i, : len(seq)] = torch.tensor(mask, dtype=torch.float32)
+        out.append((prompt + answer, [0] * len(prompt) + [1] * len(answer)))
+    return out
+
+
+def pad_demonstrations(demonstrations: list[Demonstration], pad_token_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``(input_ids, attention_mask, loss_mask)``, each ``[batch, time]``."""
+    input_ids, attention_mask = pad_batch([ids for ids, _ in demonstrations], pad_token_id, left=False)
+    loss_mask = torch.zeros(input_ids.shape)
+    for i, (_, mask) in enumerate(demonstrations):
+        loss_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.float32)
     return input_ids, attention_mask, loss_mask
+
+
+def supervised_batch(tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``prompt + solution + eos``; the loss mask covers solution and eos only."""
+    return pad_demonstrations(row_demonstrations(tokenizer, rows), tokenizer.pad_token_id)
 
 
 def demonstration(row: dict[str, Any], rng: random.Random, flawed_fraction: float) -> dict[str, Any]:
@@ -53,13 +64,21 @@ def demonstration(row: dict[str, Any], rng: random.Random, flawed_fraction: floa
 
 
 def warm_start(
-    base_path: Path, out_dir: Path, task: Task, settings: Any, *, seed: int, progress: bool = True
+    base_path: Path,
+    out_dir: Path,
+    task: Task,
+    settings: Any,
+    *,
+    seed: int,
+    progress: bool = True,
+    source: DemonstrationSource | None = None,
 ) -> Path:
     """Fine-tune ``base_path`` on ``task.train`` demonstrations for ``settings.steps`` steps (cached).
 
-    A share ``settings.flawed_fraction`` of the demonstrations comes from the rows' flawed
-    solutions, when the task has them: imitation then learns the flaw, and RL against the
-    verifier has something to correct.
+    By default a demonstration is a row's solution; a share ``settings.flawed_fraction`` of them
+    comes from the rows' flawed solutions, when the task has them: imitation then learns the flaw,
+    and RL against the verifier has something to correct. ``source`` replaces that with other
+    demonstrations of the sampled rows (a scripted agent's episodes, one per sub-trace).
     """
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
@@ -75,11 +94,14 @@ def warm_start(
     bar = TrainProgress(settings.steps, enabled=progress, fields=(("sft_loss", "warm-start loss"),))
     bar.start()
     for step in range(settings.steps):
-        batch_rows = [
-            demonstration(row, rng, settings.flawed_fraction)
-            for row in rng.sample(rows, min(settings.batch_size, len(rows)))
-        ]
-        input_ids, attention_mask, loss_mask = supervised_batch(tokenizer, batch_rows)
+        picked = rng.sample(rows, min(settings.batch_size, len(rows)))
+        if source is None:
+            demos = row_demonstrations(
+                tokenizer, [demonstration(row, rng, settings.flawed_fraction) for row in picked]
+            )
+        else:
+            demos = source(tokenizer, picked, rng)
+        input_ids, attention_mask, loss_mask = pad_demonstrations(demos, tokenizer.pad_token_id)
         logprobs, _ = token_logprobs(model, input_ids, attention_mask)
         loss = -masked_mean(logprobs, loss_mask)
         loss.backward()

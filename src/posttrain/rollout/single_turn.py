@@ -1,0 +1,68 @@
+"""Single-turn collection: one completion per sample, scored by the task's reward functions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from posttrain.data.trace import Episode, single_turn_trace
+from posttrain.rewards.functions import RewardTerm, score_completions
+from posttrain.rollout.collector import Rollout, encode_prompt, fraction, mean, std
+from posttrain.rollout.engine import FINISH_LENGTH, FINISH_STOP, RolloutEngine, SamplingParams
+
+
+class SingleTurnCollector:
+    """Prompt -> one sampled completion -> weighted reward. One Trace per Episode.
+
+    ``accuracy`` is the share of samples whose first reward function scores >= 1 (a verifier).
+    """
+
+    def __init__(
+        self, engine: RolloutEngine, tokenizer: Any, reward_terms: Sequence[RewardTerm], max_new_tokens: int
+    ) -> None:
+        if not reward_terms:
+            raise ValueError("a single-turn task needs at least one reward function")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.reward_terms = list(reward_terms)
+        self.max_episode_actions = self.max_row_actions = max_new_tokens
+
+    def collect(
+        self, rows: Sequence[dict[str, Any]], params: SamplingParams, *, group_size: int, seed: int
+    ) -> Rollout:
+        sample_rows = [row for row in rows for _ in range(group_size)]
+        prompts = [row["prompt"] for row in sample_rows]
+        prompt_ids = [encode_prompt(self.tokenizer, prompt) for prompt in prompts]
+        completions = self.engine.generate(prompt_ids, params, seed=seed)
+        rewards, per_fn = score_completions(
+            self.reward_terms, prompts, [c.text for c in completions], sample_rows
+        )
+        episodes = [
+            Episode(
+                traces=[
+                    single_turn_trace(
+                        completion.prompt_ids,
+                        completion.completion_ids,
+                        completion.logprobs,
+                        episode_id=index,
+                        group_id=index // group_size,
+                        ended=completion.finish_reason == FINISH_STOP,
+                    )
+                ],
+                reward=float(reward),
+            )
+            for index, (completion, reward) in enumerate(zip(completions, rewards, strict=True))
+        ]
+        metrics = {
+            "reward_mean": mean(rewards),
+            "reward_std": std(rewards),
+            "accuracy": fraction([score >= 1.0 for score in per_fn[self.reward_terms[0].name]]),
+            "response_length": mean([len(c.completion_ids) for c in completions]),
+            "truncated_fraction": fraction([c.finish_reason == FINISH_LENGTH for c in completions]),
+        }
+        metrics.update({f"reward/{name}": mean(scores) for name, scores in per_fn.items()})
+        samples = [
+            {"prompt": prompt, "completion": c.text, "reward": reward, "answer": row.get("answer")}
+            for prompt, c, reward, row in zip(prompts, completions, rewards, sample_rows, strict=True)
+        ]
+        return Rollout(episodes, metrics, samples, sum(len(c.completion_ids) for c in completions))
