@@ -332,10 +332,7 @@ def weight_factor(aggregation: str, a: Batch, b: Batch) -> Tensor:
     n_a, n_b = a.data["loss_mask"].sum(1), b.data["loss_mask"].sum(1)
     seq_a, seq_b = float((n_a > 0).sum()), float((n_b > 0).sum())
     return torch.tensor(
-        [
-            weight(float(n_b[b.pos[t][0]]), seq_b) / weight(float(n_a[a.pos[t][0]]), seq_a)
-            for t in tags
-        ],
+        [weight(float(n_b[b.pos[t][0]]), seq_b) / weight(float(n_a[a.pos[t][0]]), seq_a) for t in tags],
         dtype=DTYPE,
     )
 
@@ -460,7 +457,9 @@ def test_non_finite_logprobs_off_the_mask_get_zero_gradient(
 
 
 @pytest.mark.parametrize("case", ESTIMATOR_CASES, ids=CASE_IDS)
-def test_reward_on_a_masked_token_is_credited_to_the_preceding_action(case: tuple[str, dict[str, Any]]) -> None:
+def test_reward_on_a_masked_token_is_credited_to_the_preceding_action(
+    case: tuple[str, dict[str, Any]],
+) -> None:
     """The exception to 1: a masked token carrying reward r right after trainable token t (possibly
     the last of an earlier sub-trace) gives the advantages of adding r to t's own reward."""
     changed = 0
@@ -477,7 +476,9 @@ def test_reward_on_a_masked_token_is_credited_to_the_preceding_action(case: tupl
         adv_y = advantages_of(case, y)
         assert_same_tokens(adv_y, y, advantages_of(case, x), x)
         tags = common_tags(base, y)
-        changed += int(not torch.allclose(on_tags(adv_y, y, tags), on_tags(advantages_of(case, base), base, tags)))
+        changed += int(
+            not torch.allclose(on_tags(adv_y, y, tags), on_tags(advantages_of(case, base), base, tags))
+        )
     assert changed >= 1  # the moved reward matters, so the check can fail
 
 
@@ -507,7 +508,9 @@ def test_reward_on_a_masked_token_before_any_action(case: tuple[str, dict[str, A
         assert_same_tokens(advantages_of(case, a), a, adv_b, b)
     else:
         assert_same_tokens(advantages_of(case, c), c, adv_b, b)
-        assert not torch.equal(on_tags(adv_b, b, sorted(b.pos)), on_tags(advantages_of(case, a), a, sorted(a.pos)))
+        assert not torch.equal(
+            on_tags(adv_b, b, sorted(b.pos)), on_tags(advantages_of(case, a), a, sorted(a.pos))
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -533,7 +536,9 @@ def outcome_episode(eid: int, group: int, outcome: float, n: int, rng: random.Ra
     """n actions with tool output between some of them; the outcome on the last action."""
     tokens: list[Tok] = []
     for i in range(n):
-        tokens.append(action((eid, i), outcome if i == n - 1 else 0.0, rng.uniform(-1, 1), -rng.uniform(0.1, 2)))
+        tokens.append(
+            action((eid, i), outcome if i == n - 1 else 0.0, rng.uniform(-1, 1), -rng.uniform(0.1, 2))
+        )
         if i % 3 == 1:
             tokens.append(filler(rng))
     return Episode(eid, group, tuple(tokens), 0.0)
@@ -577,7 +582,11 @@ def test_split_without_episode_ids_is_not_invariant(case: tuple[str, dict[str, A
     cut = render(rows)
     cut.data["episode_ids"] = torch.arange(len(rows))  # ids dropped: every row its own episode
     cut.data["segment_index"] = torch.zeros(len(rows), dtype=torch.long)
-    first = sorted(tag for tag in cut.pos if cut.pos[tag][0] == next(i for i, r in enumerate(rows) if r.eid == 1 and r.segment == 0))
+    first = sorted(
+        tag
+        for tag in cut.pos
+        if cut.pos[tag][0] == next(i for i, r in enumerate(rows) if r.eid == 1 and r.segment == 0)
+    )
     chained = on_tags(advantages_of(case, whole_batch), whole_batch, first)
     unchained = on_tags(advantages_of(case, cut), cut, first)
     assert not torch.allclose(chained, unchained, rtol=1e-6, atol=1e-6)
@@ -605,7 +614,9 @@ def two_episode_batches() -> tuple[Batch, Batch]:
     ep1 = replace(ep1, tokens=tuple(tok for tok in ep1.tokens if tok.trainable))
     ep2 = outcome_episode(2, 0, 0.0, 4, rng)
     pieces = [Row(1, 0, s, (filler(rng), *ep1.tokens[2 * s : 2 * s + 2]), 9.0) for s in range(3)]
-    off_policy = [replace(tok, old_logprob=tok.logprob - 0.05 * (i % 3 - 1)) for i, tok in enumerate(ep2.tokens)]
+    off_policy = [
+        replace(tok, old_logprob=tok.logprob - 0.05 * (i % 3 - 1)) for i, tok in enumerate(ep2.tokens)
+    ]
     ep2 = replace(ep2, tokens=tuple(off_policy))
     return render(whole([ep1, ep2])), render([pieces[2], *whole([ep2]), pieces[0], pieces[1]])
 
@@ -719,7 +730,9 @@ def test_gspo_default_clip_is_decided_per_subtrace() -> None:
     ep1 = Episode(
         1,
         0,
-        tuple(action((1, i), float(i == 3), 0.0, -1.0 - i / 10, r) for i, r in enumerate((0.1, 0.1, -0.1, -0.1))),
+        tuple(
+            action((1, i), float(i == 3), 0.0, -1.0 - i / 10, r) for i, r in enumerate((0.1, 0.1, -0.1, -0.1))
+        ),
         0.0,
     )
     ep2 = Episode(2, 0, (action((2, 0), 0.0, 0.0, -0.5),), 0.0)

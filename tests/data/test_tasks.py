@@ -32,7 +32,8 @@ def test_available_tasks_and_default() -> None:
 
 def test_unknown_task_lists_available() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown task 'gsm8k'; available tasks: \['arithmetic', 'countdown', 'key_chain', 'math'\]"
+        ValueError,
+        match=r"unknown task 'gsm8k'; available tasks: \['arithmetic', 'countdown', 'key_chain', 'math'\]",
     ):
         get_task("gsm8k")
 

@@ -118,7 +118,9 @@ def test_perfect_transcript_and_summaries() -> None:
         text += action + step.observation
         summaries.append(env.summary())
     final = env.step("answer(517)\n")
-    assert final == EnvStep("", 1.0, True, {"tool": "answer", "error": None, "reached": 3, "horizon": 3})
+    assert final == EnvStep(
+        "", 1.0, True, {"tool": "answer", "error": None, "reached": 3, "horizon": 3, "success": True}
+    )
     assert text + "answer(517)\n" == TRANSCRIPT
     assert summaries == [
         "so far: 1 lookups, last key 915",
@@ -160,7 +162,7 @@ def test_wrong_or_early_answer_scores_zero() -> None:
     env.reset(ROW, seed=0)
     env.step("lookup(482)\n")
     assert env.step("answer(915)\n") == EnvStep(
-        "", 0.0, True, {"tool": "answer", "error": None, "reached": 1, "horizon": 3}
+        "", 0.0, True, {"tool": "answer", "error": None, "reached": 1, "horizon": 3, "success": False}
     )
     env.reset(ROW, seed=0)
     assert env.step("answer('517')\n").reward == 1.0  # the key as a string counts too

@@ -237,6 +237,11 @@ class ToolEnv:
             return f"<tool_response>\n{text}\n</tool_response>\n"
         return f"= {text}\n"
 
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Where a turn ends: the end of the call line (plain) or of the call block (hermes)."""
+        return ("\n",) if self.call_style == "plain" else ("</tool_call>",)
+
     def summary(self) -> str:
         """A compact account of the episode so far, for compaction; empty unless overridden."""
         return ""

@@ -132,7 +132,13 @@ class KeyChainEnv(ToolEnv):
 
     def step_info(self) -> dict[str, Any]:
         """Progress along the chain, for metrics."""
-        return {"reached": self.reached, "horizon": len(self.chain) - 1}
+        solved = self.finished() and self.outcome_reward() == 1.0
+        return {"reached": self.reached, "horizon": len(self.chain) - 1, "success": solved}
+
+    @staticmethod
+    def demonstrate(context: str, rng: random.Random, flawed_fraction: float) -> str:
+        """The scripted sloppy demonstrator (``key_chain.demonstrate``), used by the warm-start."""
+        return demonstrate(context, rng, flawed_fraction)
 
     def summary(self) -> str:
         """``so far: <n> lookups, last key <k>[ end]`` (see the module docstring)."""
