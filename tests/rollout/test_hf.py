@@ -1,4 +1,5 @@
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ from torch import nn
 from posttrain.models.forward import token_logprobs
 from posttrain.models.load import LoraSettings, ensure_pad_token, load_policy
 from posttrain.rollout.engine import Completion, RolloutEngine, SamplingParams
-from posttrain.rollout.hf import HFRolloutEngine, cut_at_eos, pad_batch
+from posttrain.rollout.hf import HFRolloutEngine, cut_at_eos, cut_at_stop_string, pad_batch
 
 PROMPTS = ["1+2=", "12+34=", "7+8=", "40+2=", "3+3=", "99+1=", "5+17="]
 
@@ -231,3 +232,90 @@ def test_lora_policy_generates_and_logprobs_match_its_forward(
         start = len(completion.prompt_ids)
         want = expected[row, start : start + len(completion.completion_ids)]
         torch.testing.assert_close(torch.tensor(completion.logprobs), want, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ stop strings
+
+FREE = SamplingParams(max_new_tokens=10, temperature=1.0, stop_on_eos=False)
+
+
+def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    return [tokenizer.decode([token]) for token in ids]
+
+
+def test_a_stop_string_ends_each_completion_at_the_token_that_completes_it(
+    policy: tuple[nn.Module, Any], prompt_ids: list[list[int]]
+) -> None:
+    model, tokenizer = policy
+    engine = HFRolloutEngine(model, tokenizer, batch_size=4)
+    free = engine.generate(prompt_ids, FREE, seed=5)  # same seed: the stopped samples are its prefixes
+    texts = token_texts(tokenizer, free[0].completion_ids)
+    # a one-character token of row 0 not seen before it: rows cut at the first token holding it
+    k = next(i for i in range(2, 10) if len(texts[i]) == 1 and texts[i] not in "".join(texts[:i]))
+    stop = texts[k]
+    stopped = engine.generate(prompt_ids, replace(FREE, stop=(stop,)), seed=5)
+    for sample, completion in zip(free, stopped, strict=True):
+        hits = [i for i, text in enumerate(token_texts(tokenizer, sample.completion_ids)) if stop in text]
+        end = hits[0] + 1 if hits else len(sample.completion_ids)
+        assert completion.completion_ids == sample.completion_ids[:end]
+        assert completion.finish_reason == ("stop" if hits else "length")
+        assert completion.text == tokenizer.decode(completion.completion_ids)
+        torch.testing.assert_close(
+            torch.tensor(completion.logprobs), torch.tensor(sample.logprobs[:end]), atol=1e-5, rtol=0
+        )
+    assert len(stopped[0].completion_ids) == k + 1
+
+
+def test_a_stop_string_spanning_tokens_and_the_earliest_of_several(
+    policy: tuple[nn.Module, Any], prompt_ids: list[list[int]]
+) -> None:
+    model, tokenizer = policy
+    engine = HFRolloutEngine(model, tokenizer)
+    free = engine.generate(prompt_ids[:1], FREE, seed=5)[0]
+    texts = token_texts(tokenizer, free.completion_ids)
+    assert tokenizer.decode(free.completion_ids) == "".join(texts)  # one-character tokens here
+    spanning = texts[4] + texts[5]
+    late = texts[8] + texts[9]
+    assert spanning not in "".join(texts[:5]) and late not in "".join(texts[:9])
+    (completion,) = engine.generate(prompt_ids[:1], replace(FREE, stop=(late, spanning)), seed=5)
+    assert completion.completion_ids == free.completion_ids[:6]  # "spanning" completes at token 5
+    assert completion.finish_reason == "stop" and completion.text.endswith(spanning)
+    assert len(completion.logprobs) == 6
+    (completion,) = engine.generate(prompt_ids[:1], replace(FREE, stop=(late,)), seed=5)
+    assert completion.completion_ids == free.completion_ids and completion.finish_reason == "stop"
+
+
+VOCAB = {
+    1: "ab",
+    2: "c\n",
+    3: "d",
+    4: "</",
+    5: "tool_call>",
+    6: "x",
+    7: "\nlookup",
+    9: "",
+}  # 9 is EOS: decoded as nothing
+
+
+def fake_decode(ids: list[int]) -> str:
+    return "".join(VOCAB[token] for token in ids)
+
+
+@pytest.mark.parametrize(
+    ("ids", "reason", "stop", "expected"),
+    [
+        ([1, 2, 3], "length", (), ([1, 2, 3], "length")),  # no stop strings
+        ([1, 3, 6], "length", ("\n",), ([1, 3, 6], "length")),  # none occurs
+        ([1, 3, 6, 9], "stop", ("\n",), ([1, 3, 6, 9], "stop")),  # an EOS cut is kept
+        ([1, 2, 3], "length", ("\n",), ([1, 2], "stop")),  # ends inside a token
+        ([6, 4, 5, 3], "length", ("</tool_call>",), ([6, 4, 5], "stop")),  # spans two tokens
+        ([1, 7, 3], "length", ("\n",), ([1, 7], "stop")),  # the completing token is kept whole
+        ([2, 3], "length", ("\n",), ([2], "stop")),  # in the first token
+        ([1, 3, 2, 4, 5], "length", ("</tool_call>", "\n"), ([1, 3, 2], "stop")),  # the earliest wins
+        ([], "length", ("\n",), ([], "length")),
+    ],
+)
+def test_cut_at_stop_string_hand_cases(
+    ids: list[int], reason: str, stop: tuple[str, ...], expected: tuple[list[int], str]
+) -> None:
+    assert cut_at_stop_string(ids, reason, stop, fake_decode) == expected

@@ -43,6 +43,8 @@ def env_factory(spec: str, options: dict[str, Any] | None = None) -> EnvFactory:
         probe = make(**options)
     except TypeError as error:
         raise EnvSpecError(f"env.options: {spec!r} does not accept {sorted(options)}: {error}") from error
+    except ValueError as error:  # an accepted option with a bad value, e.g. an unknown call_style
+        raise EnvSpecError(f"env.options: {spec!r} rejected {options}: {error}") from error
     if not isinstance(probe, TextEnv):
         raise EnvSpecError(
             f"env.name: {spec!r} built a {type(probe).__name__}, which lacks reset/step/summary "

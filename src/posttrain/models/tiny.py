@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
 SPACE_MARKER = "\u2581"  # Metaspace's visible space, so decoding restores spaces exactly
+TOKENIZER_VERSION = 2  # bump when train_tokenizer changes, so cached tiny models are rebuilt
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -33,7 +34,8 @@ def is_complete_model_dir(path: str | Path) -> bool:
 def train_tokenizer(corpus: Iterable[str], *, vocab_size: int = 512) -> Tokenizer:
     """Train a small BPE tokenizer in which every digit is its own token.
 
-    Pre-tokenisation: spaces become a visible marker attached to the next word (so ``decode``
+    Pre-tokenisation: a newline is always a token of its own (a turn ends there, so a token never
+    straddles two turns), spaces become a visible marker attached to the next word (so ``decode``
     restores the text), digits are split one by one, punctuation is split off. BPE merges then
     only join letters, so numbers are always spelled digit by digit. Printable ASCII and newline
     are in the alphabet even if the corpus lacks them; anything else maps to ``<unk>``.
@@ -41,6 +43,7 @@ def train_tokenizer(corpus: Iterable[str], *, vocab_size: int = 512) -> Tokenize
     tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
+            pre_tokenizers.Split("\n", behavior="isolated"),
             pre_tokenizers.Metaspace(replacement=SPACE_MARKER, prepend_scheme="never"),
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.Punctuation(),

@@ -172,6 +172,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     keys = ["reward_mean", "accuracy", "eval_accuracy", "kl", "entropy", "response_length"]
     if cfg.optim.epochs > 1 or cfg.optim.num_mini_batches > 1:
         keys.insert(4, "clipfrac")  # one on-policy update per rollout never clips
+    keys += ["turns", "segments", "explained_variance"]  # agent runs and critics only (absent: skipped)
     plot = plot_training_curves(
         history, run_dir / "curves.png", keys=keys, title=f"{cfg.algorithm} on {task.name}"
     )

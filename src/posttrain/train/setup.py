@@ -18,7 +18,7 @@ from posttrain.data.tasks import Task, get_task, task_corpus
 from posttrain.envs.registry import env_factory
 from posttrain.models.critic import ValueModel
 from posttrain.models.load import LoraSettings, ReferencePolicy, load_policy
-from posttrain.models.tiny import build_tiny_model
+from posttrain.models.tiny import TOKENIZER_VERSION, build_tiny_model
 from posttrain.rewards.functions import RewardSpec, resolve_reward_specs
 from posttrain.rollout.collector import Collector
 from posttrain.rollout.engine import RolloutEngine, SamplingParams
@@ -108,8 +108,8 @@ def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
     shape: dict[str, Any] = {"warmstart": cfg.warmstart.model_dump()}
     if name is not None:  # agent demonstrations depend on the whole task and the episode limits
         demonstrations, shape["env"] = task.train, cfg.env.model_dump() | {"name": name}
-    base_key = _short_hash({"corpus": corpus})
-    warm_key = _short_hash({"corpus": corpus, "rows": demonstrations, "seed": cfg.run.seed, **shape})
+    base_key = _short_hash({"corpus": corpus, "tokenizer": TOKENIZER_VERSION})
+    warm_key = _short_hash({"corpus": corpus, "tokenizer": TOKENIZER_VERSION, "rows": demonstrations, "seed": cfg.run.seed, **shape})
     cache = Path(cfg.run.output_dir) / ".cache"
     size = f"h{cfg.model.tiny_hidden_size}-l{cfg.model.tiny_layers}"
     base = build_tiny_model(
