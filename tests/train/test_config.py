@@ -84,3 +84,19 @@ def test_batch_size_sets_prompts_per_step_and_survives_a_round_trip(tmp_path):
     path.write_text(yaml.safe_dump(config.model_dump()))
     assert load_config(path).rollout.prompts_per_step == 12
     assert load_config(None, ["rollout.prompts_per_step=5"]).rollout.batch_size is None
+
+
+def test_env_settings_on_a_single_turn_task_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"env.context_budget is set, but the task 'arithmetic' is single-turn"):
+        load_config(None, ["env.context_budget=64"])
+
+
+def test_an_agent_task_validates_its_environment_at_load() -> None:
+    cfg = load_config(None, ["data.task=key_chain", "env.context_budget=64"])
+    assert cfg.uses_env() and cfg.env.context_budget == 64
+    with pytest.raises(ConfigError, match=r"env.options: 'key_chain' does not accept \['stepreward'\]"):
+        load_config(None, ["data.task=key_chain", "env.options={stepreward: 0.1}"])
+    with pytest.raises(ConfigError, match=r"env.name: unknown environment 'maze'"):
+        load_config(None, ["env.name=maze"])
+    with pytest.raises(ConfigError, match="env.compaction"):
+        load_config(None, ["data.task=key_chain", "env.compaction=summarise"])

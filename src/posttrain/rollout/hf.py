@@ -47,7 +47,7 @@ def cut_at_stop_string(
 ) -> tuple[list[int], str]:
     """The shortest prefix of ``ids`` whose text contains one of the ``stop`` strings (finish "stop");
     ``(ids, reason)`` unchanged when none occurs. ``decode`` maps token ids to text."""
-    if True:
+    if not stop or not any(text in decode(ids) for text in stop):
         return ids, reason
     for end in range(1, len(ids) + 1):
         if any(text in decode(ids[:end]) for text in stop):

@@ -249,8 +249,15 @@ class TrainConfig(Section):
         return self.env.name is not None or (self.data.path is None and task_env(self.data.task) is not None)
 
     def _check_env(self) -> None:
-        """env.* settings must act: refuse them for a single-turn run instead of ignoring them."""
+        """env.* settings must act: refuse them for a single-turn run instead of ignoring them; an
+        environment that does not resolve or rejects its options fails here, before any model."""
         if self.uses_env():
+            from posttrain.data.tasks import task_env
+            from posttrain.envs.registry import env_factory
+
+            name = self.env.name or task_env(self.data.task)
+            assert name is not None
+            env_factory(name, self.env.options)  # raises EnvSpecError (a ValueError) naming the key
             return
         defaults, current = EnvConfig().model_dump(), self.env.model_dump()
         changed = sorted(key for key in current if current[key] != defaults[key])
