@@ -1,9 +1,10 @@
 """MultiTurnCollector on the real key_chain environment: token layout, compaction, limits, tool errors,
 lock-step batching, the HF engine's log-probs and collation into a Batch.
 
-Token counts used below come from the module's tiny tokenizer (digits are single tokens):
-prompt line ``find the end of chain 482\\n`` = 10, ``lookup(482)\\n`` = 7, ``= 915\\n`` / ``= 517 end\\n``
-= 6, ``answer(517)\\n`` = 8, summary line with a one-digit count = 15 (``test_token_counts_used_below``).
+Token counts used below come from the module's tiny tokenizer (digits and newlines are single tokens):
+prompt line ``find the end of chain 482\\n`` = 10, ``lookup(482)\\n`` = 7, ``= 915\\n`` = 6,
+``= 517 end\\n`` = 7, ``answer(517)\\n`` = 7, summary line = 14 with a one-digit count, 16 for
+``so far: 10 lookups, last key 113 end`` (``test_token_counts_used_below``).
 """
 
 from __future__ import annotations
@@ -117,9 +118,11 @@ def collect(
 def test_token_counts_used_below(tokenizer: Any) -> None:
     assert len(enc(tokenizer, "find the end of chain 482\n")) == 10
     assert len(enc(tokenizer, "lookup(482)\n")) == 7
-    assert len(enc(tokenizer, "= 915\n")) == len(enc(tokenizer, "= 517 end\n")) == 6
-    assert len(enc(tokenizer, "answer(517)\n")) == 8
-    assert len(enc(tokenizer, "so far: 4 lookups, last key 915\n")) == 15
+    assert len(enc(tokenizer, "= 915\n")) == 6 and len(enc(tokenizer, "= 517 end\n")) == 7
+    assert len(enc(tokenizer, "answer(517)\n")) == 7
+    assert len(enc(tokenizer, "so far: 4 lookups, last key 915\n")) == 14
+    assert len(enc(tokenizer, "so far: 10 lookups, last key 113 end\n")) == 16
+    assert "\n" in tokenizer.get_vocab() and not [t for t in tokenizer.get_vocab() if "\n" in t and t != "\n"]
 
 
 def test_perfect_demonstrator_trace_layout_mask_and_reward(tokenizer: Any) -> None:
@@ -132,13 +135,13 @@ def test_perfect_demonstrator_trace_layout_mask_and_reward(tokenizer: Any) -> No
     pieces += [("lookup(103)\n", 1), ("= 517 end\n", 0), ("answer(517)\n", 1)]
     assert trace.tokens == [t for text, _ in pieces for t in enc(tokenizer, text)]
     assert trace.loss_mask == [flag for text, flag in pieces for _ in enc(tokenizer, text)]
-    assert len(trace.tokens) == 10 + 3 * (7 + 6) + 8 and trace.num_actions == 3 * 7 + 8
+    assert len(trace.tokens) == 10 + 2 * (7 + 6) + (7 + 7) + 7 and trace.num_actions == 4 * 7
     assert trace.rollout_logprobs == [0.0] * len(trace.tokens)
     assert trace.token_rewards == [0.0] * (len(trace.tokens) - 1) + [1.0] and trace.loss_mask[-1] == 1
     assert trace.ended and trace.segment_index == 0 and episode.total_reward == 1.0
     assert rollout.metrics["accuracy"] == 1.0 and rollout.metrics["turns"] == 4
     assert rollout.metrics["truncated_fraction"] == 0.0 and rollout.metrics["tool_error_rate"] == 0.0
-    assert rollout.metrics["response_length"] == 29 and rollout.generated_tokens == 29
+    assert rollout.metrics["response_length"] == 28 and rollout.generated_tokens == 28
     sample = rollout.samples[0]
     assert [turn["action"] for turn in sample["turns"]] == [
         "lookup(482)\n",
@@ -163,10 +166,12 @@ def test_perfect_demonstrator_solves_every_row_with_horizon_plus_one_turns(token
 
 # ------------------------------------------------------------------ compaction
 
-# Budget 60, turn room 8, horizon 10: the first sub-trace holds 10 + 3 * 13 = 49 tokens after three
-# turns; turn 4 reaches 56 and 56 + 6 + 8 > 60, so it compacts. A new sub-trace holds prompt + summary
-# (25 or 26 tokens) + one kept turn (13) = 38 or 39, then one turn + observation (51 or 52): every
-# second turn compacts, the last one after the lookup that reaches the end (its summary says "end").
+# Budget 62, turn room 8, horizon 10 (a lookup turn is 7 + 6 = 13 tokens, 14 for the one reaching
+# the end): the first sub-trace holds 10 + 3 * 13 = 49 tokens after three turns; turn 4 reaches 56 and
+# 56 + 6 + 8 = 70 > 62, so it compacts (though the observation alone would fit: 62). A new sub-trace
+# holds prompt + summary (24) + one kept turn (13) = 37, then one turn + observation (50), and the next
+# turn reaches 57: every second turn compacts, the last time after the lookup that reaches the end
+# (its summary says "end"; 26 + 14 = 40 tokens of context).
 COMPACTED_AFTER = [4, 6, 8, 10]
 
 
@@ -185,7 +190,7 @@ def turn_text(row: Mapping[str, Any], turn: int) -> tuple[str, str]:
 
 def test_compaction_cuts_a_long_episode_into_budgeted_sub_traces(tokenizer: Any) -> None:
     row = chain_row(10, seed=3)
-    col = collector(tokenizer, perfect(tokenizer), context_budget=60, keep_turns=1)
+    col = collector(tokenizer, perfect(tokenizer), context_budget=62, keep_turns=1)
     rollout = collect(col, [row])
     traces = rollout.episodes[0].traces
     sample = rollout.samples[0]
@@ -194,7 +199,7 @@ def test_compaction_cuts_a_long_episode_into_budgeted_sub_traces(tokenizer: Any)
     assert rollout.metrics["segments"] == 5 and rollout.metrics["compacted_fraction"] == 1.0
     assert [t.segment_index for t in traces] == [0, 1, 2, 3, 4]
     assert [t.ended for t in traces] == [False, False, False, False, True]
-    assert all(len(t.tokens) <= 60 for t in traces)
+    assert all(len(t.tokens) <= 62 for t in traces)
     assert tokenizer.decode(traces[0].tokens) == transcript(row)[: len(tokenizer.decode(traces[0].tokens))]
     for trace, turn in zip(traces[1:], COMPACTED_AFTER, strict=True):
         head = enc(tokenizer, f"{row['prompt']}\n{summary_at(row, turn)}\n")
@@ -210,21 +215,31 @@ def test_compaction_cuts_a_long_episode_into_budgeted_sub_traces(tokenizer: Any)
     assert sum(t.reward_sum for t in traces) == 1.0 and traces[-1].token_rewards[-1] == 1.0
 
 
-@pytest.mark.parametrize(("keep_turns", "kept"), [(0, 0), (3, 2)])
-def test_compaction_keeps_the_last_turns_that_fit(tokenizer: Any, keep_turns: int, kept: int) -> None:
-    # keep_turns=3 would need 25 + 3 * 13 + 8 = 72 > 60 tokens: only the last two turns are kept
+@pytest.mark.parametrize(
+    ("keep_turns", "compacted_after", "kept"),
+    [
+        # no kept turns: contexts of 24, 24 and 26 tokens, so turns 4, 7 and 10 compact
+        (0, [4, 7, 10], [0, 0, 0]),
+        # three kept turns would need 24 + 3 * 13 + 8 = 71 > 60: two fit (50), so every turn from 4 on
+        # compacts; after turn 10, 26 + 13 + 14 + 8 = 61 > 60 leaves room for one
+        (3, [4, 5, 6, 7, 8, 9, 10], [2, 2, 2, 2, 2, 2, 1]),
+    ],
+)
+def test_compaction_keeps_the_last_turns_that_fit(
+    tokenizer: Any, keep_turns: int, compacted_after: list[int], kept: list[int]
+) -> None:
     row = chain_row(10, seed=3)
-    rollout = collect(
-        collector(tokenizer, perfect(tokenizer), context_budget=60, keep_turns=keep_turns), [row]
-    )
+    col = collector(tokenizer, perfect(tokenizer), context_budget=60, keep_turns=keep_turns)
+    rollout = collect(col, [row])
     traces = rollout.episodes[0].traces
-    for trace, turn in zip(traces[1:], rollout.samples[0]["compacted_after_turns"], strict=True):
+    assert rollout.samples[0]["compacted_after_turns"] == compacted_after
+    for trace, turn, count in zip(traces[1:], compacted_after, kept, strict=True):
         context = enc(tokenizer, f"{row['prompt']}\n{summary_at(row, turn)}\n")
-        for previous in range(turn - kept + 1, turn + 1):
+        for previous in range(turn - count + 1, turn + 1):
             context += [t for text in turn_text(row, previous) for t in enc(tokenizer, text)]
         assert trace.tokens[: len(context)] == context and sum(trace.loss_mask[: len(context)]) == 0
         assert trace.loss_mask[len(context)] == 1 and len(trace.tokens) <= 60
-    assert len(traces) > 2 and rollout.samples[0]["success"]
+    assert rollout.samples[0]["success"]
 
 
 def test_compaction_none_truncates_when_the_context_is_full(tokenizer: Any) -> None:
@@ -422,8 +437,8 @@ def test_hf_engine_turns_end_at_stop_strings_and_logprobs_match_the_policy(
     assert len(runs) == sum(len(s["turns"]) for s in rollout.samples)
     for run in runs:
         text = tokenizer.decode(run, skip_special_tokens=True)
-        if "\n" in text:  # the turn ends at the token that completes the first newline
-            assert "\n" not in tokenizer.decode(run[:-1], skip_special_tokens=True)
+        if "\n" in text:  # the turn ends at its first newline
+            assert text.count("\n") == 1 and text.endswith("\n")
         else:  # or it ran out of tokens, or the policy ended it with EOS
             assert len(run) == 10 or run[-1] == tokenizer.eos_token_id
     assert any("\n" in tokenizer.decode(run) for run in runs)

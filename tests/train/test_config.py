@@ -87,7 +87,9 @@ def test_batch_size_sets_prompts_per_step_and_survives_a_round_trip(tmp_path):
 
 
 def test_env_settings_on_a_single_turn_task_are_refused() -> None:
-    with pytest.raises(ConfigError, match=r"env.context_budget is set, but the task 'arithmetic' is single-turn"):
+    with pytest.raises(
+        ConfigError, match=r"env.context_budget is set, but the task 'arithmetic' is single-turn"
+    ):
         load_config(None, ["env.context_budget=64"])
 
 

@@ -109,7 +109,15 @@ def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
     if name is not None:  # agent demonstrations depend on the whole task and the episode limits
         demonstrations, shape["env"] = task.train, cfg.env.model_dump() | {"name": name}
     base_key = _short_hash({"corpus": corpus, "tokenizer": TOKENIZER_VERSION})
-    warm_key = _short_hash({"corpus": corpus, "tokenizer": TOKENIZER_VERSION, "rows": demonstrations, "seed": cfg.run.seed, **shape})
+    warm_key = _short_hash(
+        {
+            "corpus": corpus,
+            "tokenizer": TOKENIZER_VERSION,
+            "rows": demonstrations,
+            "seed": cfg.run.seed,
+            **shape,
+        }
+    )
     cache = Path(cfg.run.output_dir) / ".cache"
     size = f"h{cfg.model.tiny_hidden_size}-l{cfg.model.tiny_layers}"
     base = build_tiny_model(

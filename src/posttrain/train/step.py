@@ -314,6 +314,7 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
             "time/score_and_prepare": t2 - t1,
             "time/train": t3 - t2,
             "tokens_per_s": generated / max(t3 - t0, 1e-9),
+            "sampled_tokens": float(generated),
             "lr": state.policy_optimizer.param_groups[0]["lr"],
         }
     )

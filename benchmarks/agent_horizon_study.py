@@ -1,0 +1,166 @@
+"""Critic or group baseline on long agent episodes? ppo vs grpo vs gspo on the key_chain environment.
+
+    python benchmarks/agent_horizon_study.py --seeds 0,1,2 [--algorithms ppo,grpo,gspo]
+        [--set optim.steps=40] [--out runs/agent_horizon_study]
+
+Two settings of the built-in key_chain task: a short horizon whose episodes fit one context, and a
+long one whose episodes are compacted into several sub-traces (``env.context_budget``). Every run
+starts from the same warm-start per seed (a sloppy demonstrator that answers early at keys starting
+with 9), samples the same number of episodes per step, and is evaluated greedily on held-out chains.
+Writes ``<out>/results.json``, ``<out>/table.txt`` (held-out success mean ± std over seeds, sampled
+tokens to reach the threshold, wall time) and ``<out>/<setting>.png`` (success vs sampled tokens,
+mean and min-max band over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers.utils import logging as hf_logging
+
+from posttrain.report.plots import plot_curves_by_group
+from posttrain.report.tables import mean_std, render_table, summary_table
+from posttrain.train.config import load_config
+from posttrain.train.loop import train
+
+# shared by every run: the model, the warm-start, the batch, the evaluation
+COMMON = [
+    "data.task=key_chain",
+    "data.num_train=600",
+    "data.num_test=100",
+    "model.tiny_hidden_size=64",
+    "model.tiny_layers=2",
+    "warmstart.steps=400",
+    "warmstart.batch_size=32",
+    "warmstart.lr=0.003",
+    "rollout.prompts_per_step=16",
+    "rollout.group_size=4",
+    "optim.steps=40",
+    "optim.lr=1e-4",
+    "eval.every=5",
+    "eval.num_prompts=100",
+    "env.context_budget=96",
+    "env.keep_turns=1",
+    "logging.tensorboard=false",
+    "logging.progress=false",
+]
+SETTINGS = {
+    "short": ["data.task_options={min_horizon: 2, max_horizon: 4}"],  # fits one 96-token context
+    "long": ["data.task_options={min_horizon: 10, max_horizon: 14}"],  # 2-3 sub-traces per episode
+}
+THRESHOLD = 0.5  # held-out success rate for "tokens to reach"
+
+
+def eval_curve(history: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """(cumulative sampled tokens, held-out success) at every evaluation, step 0 included."""
+    tokens, xs, ys = 0.0, [], []
+    for row in sorted(history, key=lambda r: r.get("step", 0)):
+        tokens += row.get("sampled_tokens", 0.0)
+        if "eval_accuracy" in row:
+            xs.append(tokens)
+            ys.append(row["eval_accuracy"])
+    return np.asarray(xs), np.asarray(ys)
+
+
+def tokens_to_reach(curve: tuple[np.ndarray, np.ndarray], threshold: float) -> float | None:
+    xs, ys = curve
+    hits = np.nonzero(ys >= threshold)[0]
+    return float(xs[hits[0]]) if hits.size else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--algorithms", default="ppo,grpo,gspo")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--settings", default="short,long")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default="runs/agent_horizon_study")
+    args = parser.parse_args()
+    hf_logging.disable_progress_bar()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    for setting in args.settings.split(","):
+        for algorithm in args.algorithms.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                overrides = [
+                    *COMMON,
+                    *SETTINGS[setting],
+                    f"algorithm={algorithm}",
+                    f"run.seed={seed}",
+                    f"run.name=study-{setting}-{algorithm}-s{seed}",
+                    f"run.output_dir={out}",
+                    *args.set,
+                ]
+                start = time.perf_counter()
+                result = train(load_config(None, overrides))
+                xs, ys = eval_curve(result.history)
+                record = {
+                    "setting": setting,
+                    "algorithm": algorithm,
+                    "seed": seed,
+                    "before": result.initial_eval["eval_accuracy"],
+                    "after": result.final_eval["eval_accuracy"],
+                    "segments": result.final_eval.get("eval_segments"),
+                    "sampled_tokens": float(xs[-1]) if xs.size else 0.0,
+                    "tokens_to_threshold": tokens_to_reach((xs, ys), THRESHOLD),
+                    "seconds": time.perf_counter() - start,
+                    "curve": [xs.tolist(), ys.tolist()],
+                }
+                results.append(record)
+                print(
+                    f"{setting:<6} {algorithm:<5} seed {seed}: {100 * record['before']:.0f}% -> "
+                    f"{100 * record['after']:.0f}% ({record['seconds']:.0f} s)",
+                    flush=True,
+                )
+                (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(results, out)
+
+
+def write_report(results: list[dict[str, Any]], out: Path) -> None:
+    rows = []
+    for setting in dict.fromkeys(r["setting"] for r in results):
+        curves: dict[str, list[tuple[Any, Any]]] = {}
+        for algorithm in dict.fromkeys(r["algorithm"] for r in results):
+            runs = [r for r in results if r["setting"] == setting and r["algorithm"] == algorithm]
+            if not runs:
+                continue
+            curves[algorithm] = [tuple(r["curve"]) for r in runs]
+            reached = [r["tokens_to_threshold"] for r in runs if r["tokens_to_threshold"] is not None]
+            rows.append(
+                {
+                    "setting": setting,
+                    "algorithm": algorithm,
+                    "seeds": len(runs),
+                    "sub-traces": f"{statistics.mean(r['segments'] or 1 for r in runs):.2f}",
+                    "success before": mean_std([100 * r["before"] for r in runs], digits=3),
+                    "success after": mean_std([100 * r["after"] for r in runs], digits=3),
+                    f"tokens to {THRESHOLD:.0%}": f"{statistics.mean(reached):.3g} ({len(reached)}/{len(runs)})"
+                    if reached
+                    else f"- (0/{len(runs)})",
+                    "wall s": f"{statistics.mean(r['seconds'] for r in runs):.0f}",
+                }
+            )
+        plot_curves_by_group(
+            curves,
+            out / f"{setting}.png",
+            xlabel="sampled tokens",
+            ylabel="held-out success",
+            title=f"key_chain, {setting} horizon",
+        )
+    columns = list(rows[0]) if rows else []
+    table = render_table(summary_table(rows, columns, title="agent horizon study"))
+    (out / "table.txt").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
