@@ -7,7 +7,8 @@ Two settings of the built-in key_chain task: a short horizon whose episodes fit 
 long one whose episodes are compacted into several sub-traces (``env.context_budget``). Every run
 starts from the same warm-start per seed (a sloppy demonstrator that answers early at keys starting
 with 9), samples the same number of episodes per step, and is evaluated greedily on held-out chains.
-Writes ``<out>/results.json``, ``<out>/table.txt`` (held-out success mean ± std over seeds, sampled
+Writes ``<out>/results-<settings>.json`` (run ``--settings short`` and ``--settings long`` as two
+processes to use two cores; each reports every result found in ``<out>``), ``<out>/table.txt`` (held-out success mean ± std over seeds, sampled
 tokens to reach the threshold, wall time) and ``<out>/<setting>.png`` (success vs sampled tokens,
 mean and min-max band over seeds).
 """
@@ -121,8 +122,14 @@ def main() -> None:
                     f"{100 * record['after']:.0f}% ({record['seconds']:.0f} s)",
                     flush=True,
                 )
-                (out / "results.json").write_text(json.dumps(results, indent=1))
-    write_report(results, out)
+                (out / f"results-{args.settings.replace(',', '-')}.json").write_text(
+                    json.dumps(results, indent=1)
+                )
+    # settings run as separate processes (e.g. one per core) report together
+    merged = [
+        record for path in sorted(out.glob("results-*.json")) for record in json.loads(path.read_text())
+    ]
+    write_report(merged, out)
 
 
 def write_report(results: list[dict[str, Any]], out: Path) -> None:

@@ -186,9 +186,11 @@ def task_from_rows(
     reward_fns: Sequence[RewardSpec | str | Callable[..., Any]],
     name: str,
     max_new_tokens: int,
+    env: str | None = None,
 ) -> Task:
     """Wrap user rows into a ``Task``. Reward specs are resolved now so a bad import path fails before
-    any training; bare strings and callables get weight 1.0."""
+    any training; bare strings and callables get weight 1.0. A task run in environment ``env``
+    needs none: the environment scores its episodes."""
     if not train_rows:
         raise ValueError(f"task {name!r} has no training rows")
     for split_name, split_rows in (("train", train_rows), ("test", test_rows)):
@@ -199,7 +201,7 @@ def task_from_rows(
                     f"task {name!r}: {split_name} row {index} has no non-empty string 'prompt' "
                     "(load files with load_rows, which renames the prompt column)"
                 )
-    if not reward_fns:
+    if not reward_fns and env is None:
         raise ValueError(f"task {name!r} needs at least one reward function")
     if max_new_tokens <= 0:
         raise ValueError(f"task {name!r}: max_new_tokens must be positive, got {max_new_tokens}")
@@ -213,4 +215,5 @@ def task_from_rows(
         reward_fns=specs,
         max_new_tokens=int(max_new_tokens),
         description=f"User dataset {name!r}: {len(train_rows)} train / {len(test_rows)} test rows.",
+        env=env,
     )

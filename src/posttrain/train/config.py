@@ -258,6 +258,11 @@ class TrainConfig(Section):
             name = self.env.name or task_env(self.data.task)
             assert name is not None
             env_factory(name, self.env.options)  # raises EnvSpecError (a ValueError) naming the key
+            if self.data.reward_fns:
+                raise ValueError(
+                    f"data.reward_fns: the environment {name!r} scores its own episodes, so reward "
+                    "functions would be ignored; drop data.reward_fns (or give the environment a reward)"
+                )
             return
         defaults, current = EnvConfig().model_dump(), self.env.model_dump()
         changed = sorted(key for key in current if current[key] != defaults[key])

@@ -53,9 +53,10 @@ def build_task(cfg: TrainConfig) -> Task:
         if specs:
             task.reward_fns = specs
     else:
-        if not specs:
+        if not specs and cfg.env.name is None:
             raise ValueError(
-                "data.reward_fns: a dataset given by data.path needs at least one reward function"
+                "data.reward_fns: a dataset given by data.path needs at least one reward function "
+                "(or an environment, env.name, that scores its episodes)"
             )
         train_rows = load_rows(data.path, prompt_field=data.prompt_field, limit=data.num_train)
         test_rows = (
@@ -63,7 +64,9 @@ def build_task(cfg: TrainConfig) -> Task:
             if data.test_path
             else train_rows[: data.num_test]
         )
-        task = task_from_rows(train_rows, test_rows, specs, Path(data.path).stem, data.max_new_tokens or 64)
+        task = task_from_rows(
+            train_rows, test_rows, specs, Path(data.path).stem, data.max_new_tokens or 64, env=cfg.env.name
+        )
     if data.max_new_tokens is not None:
         task.max_new_tokens = data.max_new_tokens
     return task
@@ -71,7 +74,7 @@ def build_task(cfg: TrainConfig) -> Task:
 
 def env_name(cfg: TrainConfig, task: Task) -> str | None:
     """The environment the run collects episodes from: ``env.name``, else the task's own, else None."""
-    return cfg.env.name or (task.env if cfg.data.path is None else None)
+    return cfg.env.name or task.env
 
 
 def build_collector(cfg: TrainConfig, task: Task, engine: RolloutEngine, tokenizer: Any) -> Collector:

@@ -1,0 +1,23 @@
+"""The scripts in examples/ run exactly as the README shows them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def test_custom_env_example_trains_and_prints_a_whole_episode():
+    done = subprocess.run(
+        [sys.executable, "examples/custom_env.py"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "before RL" in done.stdout and "after RL" in done.stdout
+    episode = json.loads(done.stdout[done.stdout.index("{\n") :])
+    assert episode["prompt"].startswith("add ")
+    assert episode["turns"] and {"action", "observation", "tool", "error"} <= set(episode["turns"][0])
