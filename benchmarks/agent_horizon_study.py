@@ -37,23 +37,23 @@ COMMON = [
     "data.num_test=100",
     "model.tiny_hidden_size=64",
     "model.tiny_layers=2",
-    "warmstart.steps=400",
+    "warmstart.steps=1200",
     "warmstart.batch_size=32",
     "warmstart.lr=0.003",
     "rollout.prompts_per_step=16",
     "rollout.group_size=4",
-    "optim.steps=40",
-    "optim.lr=1e-4",
+    "optim.steps=30",
+    "optim.lr=2e-4",
     "eval.every=5",
     "eval.num_prompts=100",
-    "env.context_budget=96",
+    "env.context_budget=64",
     "env.keep_turns=1",
     "logging.tensorboard=false",
     "logging.progress=false",
 ]
 SETTINGS = {
-    "short": ["data.task_options={min_horizon: 2, max_horizon: 4}"],  # fits one 96-token context
-    "long": ["data.task_options={min_horizon: 10, max_horizon: 14}"],  # 2-3 sub-traces per episode
+    "short": ["data.task_options={min_horizon: 2, max_horizon: 3}"],  # fits one 64-token context
+    "long": ["data.task_options={min_horizon: 6, max_horizon: 8}"],  # 2-3 sub-traces per episode
 }
 THRESHOLD = 0.5  # held-out success rate for "tokens to reach"
 

@@ -195,7 +195,7 @@ def test_hermes_style() -> None:
     env = KeyChainEnv(call_style="hermes")
     env.reset(ROW, seed=0)
     step = env.step('<tool_call>{"name": "lookup", "arguments": {"key": 482}}</tool_call>')
-    assert step.observation == "\n<tool_response>\n915\n</tool_response>\n"
+    assert step.observation == "915"  # a chat template renders it as a tool message
     assert [s["function"]["name"] for s in env.tool_schemas()] == ["lookup", "answer"]
 
 

@@ -315,9 +315,7 @@ def test_tool_env_hermes_style() -> None:
     env = CounterEnv(call_style="hermes")
     env.reset({"prompt": "count"}, seed=0)
     step = env.step('<tool_call>{"name": "bump", "arguments": {}}</tool_call>\n')
-    assert step == EnvStep(
-        "<tool_response>\n1\n</tool_response>\n", 0.25, False, {"tool": "bump", "error": None}
-    )
+    assert step == EnvStep("1", 0.25, False, {"tool": "bump", "error": None})
     assert env.step("bump()\n").info == {"tool": None, "error": "no_call"}
     assert env.step('<tool_call>{"name": "stop", "arguments": {"n": 1}}</tool_call>').reward == 1.0
 

@@ -473,3 +473,52 @@ def test_collate_gives_one_row_per_sub_trace_in_episode_order(tokenizer: Any) ->
         assert batch.attention_mask[row].sum() == n
         assert batch.loss_mask[row, :n].tolist() == trace.loss_mask
     assert batch.token_rewards.sum(dim=1).tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+
+
+# ------------------------------------------------------------------ chat templates (hermes calls)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def hermes_policy(context: str) -> str:
+    """Follow the chain from the tool messages of a chat transcript, in the hermes call style."""
+    import json
+    import re
+
+    found = re.findall(r"tool:(\d+)( end)?", context)
+    key, end = (found[-1][0], bool(found[-1][1])) if found else (re.search(r"chain (\d+)", context)[1], False)
+    name, argument = ("answer", {"key": int(key)}) if end else ("lookup", {"key": int(key)})
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': argument})}</tool_call>"
+
+
+def test_a_chat_model_sees_observations_as_tool_messages_of_its_template(tokenizer: Any) -> None:
+    import copy
+
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    limits = TurnLimits(context_budget=4096, max_tool_output_tokens=64)
+    collector = MultiTurnCollector(
+        ScriptedEngine(chat, hermes_policy), chat, lambda: KeyChainEnv(call_style="hermes"), limits, 120
+    )
+    assert collector.env_stop == ("</tool_call>",)
+    rollout = collector.collect([ROW], SamplingParams(max_new_tokens=120), group_size=1, seed=0)
+    [episode] = rollout.episodes
+    [trace] = episode.traces
+    assert rollout.metrics["accuracy"] == 1.0
+    first_call = hermes_policy("find the end of chain 482")
+    expected = (
+        "<s>user:find the end of chain 482\n</s><s>assistant:"
+        + first_call
+        + "</s><s>tool:915</s><s>assistant:"
+    )
+    prefix = enc(chat, expected)
+    assert trace.tokens[: len(prefix)] == prefix
+    action = enc(chat, first_call)
+    start = len(enc(chat, "<s>user:find the end of chain 482\n</s><s>assistant:"))
+    # the action is trained on; the template's end-of-turn, tool message and next prompt are not
+    assert trace.loss_mask[: len(prefix)] == [0] * start + [1] * len(action) + [0] * (
+        len(prefix) - start - len(action)
+    )

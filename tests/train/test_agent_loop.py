@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ from posttrain.train.loop import train
 
 pytestmark = pytest.mark.slow
 
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+# the shipped agent configs, shrunk to a few seconds
 AGENT = [
-    "data.task=key_chain",
     "data.task_options={min_horizon: 5, max_horizon: 7}",
     "data.num_train=32",
     "data.num_test=4",
@@ -42,9 +45,9 @@ def out_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_agent_run_with_compaction_end_to_end(out_dir, algorithm):
-    cfg = load_config(
-        None, [*AGENT, f"run.output_dir={out_dir}", f"run.name={algorithm}", f"algorithm={algorithm}"]
-    )
+    path = CONFIGS / f"agent_{algorithm}.yaml"
+    cfg = load_config(path, [*AGENT, f"run.output_dir={out_dir}", f"run.name={algorithm}"])
+    assert cfg.algorithm == algorithm and cfg.data.task == "key_chain"
     result = train(cfg)
     steps = [row for row in result.history if "reward_mean" in row]
     assert [row["step"] for row in steps] == [1, 2]

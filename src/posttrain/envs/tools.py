@@ -232,9 +232,11 @@ class ToolEnv:
         return {}
 
     def format_observation(self, text: str) -> str:
-        """How a tool result or error message is shown to the policy, by call style."""
+        """How a tool result or error message is shown to the policy, by call style: ``= result`` on
+        its own line (plain), or the bare result (hermes), which a chat model's template renders as a
+        tool message (Qwen/Hermes templates wrap it in ``<tool_response>``)."""
         if self.call_style == "hermes":
-            return f"<tool_response>\n{text}\n</tool_response>\n"
+            return text
         return f"= {text}\n"
 
     @property
@@ -282,7 +284,7 @@ class ToolEnv:
         else:
             text = result.message if isinstance(result, ToolError) else result
             observation = self.format_observation(text)
-            if action and not action.endswith("\n"):
+            if self.call_style == "plain" and action and not action.endswith("\n"):
                 observation = "\n" + observation  # keep the observation on its own line
         info.update(self.step_info())
         return EnvStep(observation=observation, reward=reward, done=self._over, info=info)

@@ -53,11 +53,12 @@ class Collector(Protocol):
         ...
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """The model's chat template when it has one, else the plain prompt text."""
+def encode_prompt(tokenizer: Any, prompt: str, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The model's chat template when it has one (with the ``tools`` JSON schemas, for a template
+    that lists them), else the plain prompt text."""
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            [{"role": "user", "content": prompt}], tools=tools, add_generation_prompt=True, tokenize=True
         )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])

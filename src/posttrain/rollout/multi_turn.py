@@ -31,6 +31,25 @@ from posttrain.rollout.engine import Completion, RolloutEngine, SamplingParams
 TRUNCATION_MARKER = " [...]\n"
 
 
+def chat_text_after_action(
+    tokenizer: Any, action: str, observation: str, tools: list[dict[str, Any]] | None
+) -> str | None:
+    """The chat template's text between an assistant ``action`` and the next assistant turn, when the
+    observation comes back as a ``tool`` message; None when the template does not render the
+    action verbatim right after its generation prompt (then the plain observation is used)."""
+    user = [{"role": "user", "content": "task"}]
+    head = tokenizer.apply_chat_template(user, tools=tools, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(
+        [*user, {"role": "assistant", "content": action}, {"role": "tool", "content": observation}],
+        tools=tools,
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    if not full.startswith(head + action):
+        return None
+    return str(full[len(head) + len(action) :])
+
+
 class EnvError(RuntimeError):
     """The environment itself failed (a bug in the environment, not a model mistake)."""
 
@@ -125,13 +144,31 @@ class MultiTurnCollector:
         self.tokenizer = tokenizer
         self.make_env = make_env
         self.limits = limits
-        self.env_stop = tuple(getattr(make_env(), "stop_strings", ()))
+        probe = make_env()
+        self.env_stop = tuple(getattr(probe, "stop_strings", ()))
+        # a chat model sees its tools listed by its template and observations as tool messages
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        schemas = getattr(probe, "tool_schemas", None)
+        self.tools = schemas() if self.chat and callable(schemas) else None
         self.marker_ids = self._encode(TRUNCATION_MARKER)
         self.max_row_actions = limits.context_budget
         self.max_episode_actions = min(limits.max_episode_tokens, limits.max_turns * max_new_tokens)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _context_ids(self, text: str) -> list[int]:
+        """A sub-trace's opening context: the task (or task + summary) as the first user turn."""
+        return encode_prompt(self.tokenizer, text, tools=self.tools)
+
+    def _observation_ids(self, action: str, observation: str) -> list[int]:
+        """Tokens that follow an action: the observation as plain text, or, for a chat model, what its
+        template puts between the assistant's action and the next assistant turn (end of turn, a
+        tool message holding the observation, the generation prompt)."""
+        if not self.chat:
+            return self._encode(observation)
+        between = chat_text_after_action(self.tokenizer, action, observation, self.tools)
+        return self._encode(between if between is not None else observation)
 
     def collect(
         self, rows: Sequence[dict[str, Any]], params: SamplingParams, *, group_size: int, seed: int
@@ -177,7 +214,7 @@ class MultiTurnCollector:
                 f"{type(env).__name__}.reset failed with {type(error).__name__}: {error} "
                 f"(row {str(row.get('prompt', row))[:80]!r})"
             ) from error
-        tokens = encode_prompt(self.tokenizer, task_text)
+        tokens = self._context_ids(task_text)
         if len(tokens) + turn_room > self.limits.context_budget:
             raise ValueError(
                 f"env.context_budget ({self.limits.context_budget}) cannot hold the task prompt "
@@ -204,7 +241,7 @@ class MultiTurnCollector:
         step = self._step(episode, text)
         if action_ids:
             episode.rewards[-1] += step.reward
-        observation_ids = self._encode(step.observation)
+        observation_ids = self._observation_ids(text, step.observation)
         if len(observation_ids) > limits.max_tool_output_tokens:
             keep = max(limits.max_tool_output_tokens - len(self.marker_ids), 0)
             observation_ids = observation_ids[:keep] + self.marker_ids
@@ -240,7 +277,7 @@ class MultiTurnCollector:
         episode ends here as truncated instead.
         """
         budget = self.limits.context_budget
-        head = encode_prompt(self.tokenizer, episode.task_text + episode.env.summary() + "\n")
+        head = self._context_ids(episode.task_text + episode.env.summary() + "\n")
         if self.limits.compaction == "none" or len(head) + turn_room > budget:
             episode.finished = True
             return
