@@ -522,3 +522,26 @@ def test_a_chat_model_sees_observations_as_tool_messages_of_its_template(tokeniz
     assert trace.loss_mask[: len(prefix)] == [0] * start + [1] * len(action) + [0] * (
         len(prefix) - start - len(action)
     )
+
+
+def test_policy_compaction_trains_the_summary_the_policy_writes(tokenizer: Any) -> None:
+    """compaction="policy": the request is context, the summary is trainable in the closing
+    sub-trace, and the next sub-trace opens with the task and that summary as context."""
+    row = chain_row(9, seed=3)
+    limits = TurnLimits(context_budget=72, compaction="policy", keep_turns=1)
+    collector = MultiTurnCollector(perfect(tokenizer), tokenizer, KeyChainEnv, limits, 12)
+    rollout = collector.collect([row], SamplingParams(max_new_tokens=12), group_size=1, seed=0)
+    [episode] = rollout.episodes
+    assert len(episode.traces) > 1 and rollout.metrics["accuracy"] == 1.0
+    summaries = [entry["summary"] for entry in rollout.samples[0]["turns"] if "summary" in entry]
+    assert len(summaries) == len(episode.traces) - 1
+    request = enc(tokenizer, "summarize:\n")
+    for closing, opening, summary in zip(episode.traces, episode.traces[1:], summaries, strict=False):
+        written = enc(tokenizer, summary)
+        assert summary.startswith("last key ")
+        # the closing sub-trace ends with the request (context) and the summary (actions)
+        assert closing.tokens[-len(written) - len(request) :] == request + written
+        assert closing.loss_mask[-len(written) - len(request) :] == [0] * len(request) + [1] * len(written)
+        assert len(closing.tokens) <= 72
+        head = enc(tokenizer, f"{row['prompt']}\n{summary.strip()}\n")
+        assert opening.tokens[: len(head)] == head and not any(opening.loss_mask[: len(head)])

@@ -7,7 +7,8 @@ collector (``rollout/multi_turn.py``) owns everything token-level: tokenisation,
 behaviour log-probs, limits and compaction. An environment never sees a token.
 
 ``summary()`` is the environment's own compact account of the episode so far; the ``rule``
-compaction strategy starts a new sub-trace from the task, this summary and the last few turns.
+compaction strategy starts a new sub-trace from the task, this summary and the last few turns. The
+``policy`` strategy asks the policy instead (``SUMMARY_REQUEST``).
 """
 
 from __future__ import annotations
@@ -48,3 +49,7 @@ class TextEnv(Protocol):
 
 
 EnvFactory = Callable[[], TextEnv]
+
+# With ``compaction: policy`` the collector appends this line (as context) and the policy's next
+# completion is its own summary, a trainable action; a demonstrator answers it with a summary too.
+SUMMARY_REQUEST = "summarize:"

@@ -11,7 +11,11 @@ one more turn would not fit, the sub-trace is closed (``ended=False``) and a new
 task prompt, the environment's ``summary()`` and the last ``keep_turns`` turns verbatim (all
 context). GAE then chains the sub-traces of the episode (``episode_ids`` + ``segment_index``) and
 group estimators broadcast the episode's outcome to all of them. ``compaction="none"`` instead
-truncates the episode when its context is full.
+truncates the episode when its context is full. ``compaction="policy"`` lets the policy write the
+summary: when the context is nearly full the collector appends ``SUMMARY_REQUEST`` (context) and
+the episode's next completion is its summary, trainable actions of the closing sub-trace (sampled
+and trained in the context they were written in, so they get credit through GAE's bootstrap from
+the next sub-trace, whose head holds the summary as context).
 
 Limits: ``max_turns`` turns, ``max_episode_tokens`` policy-written tokens per episode (both end
 the episode as truncated), ``max_tool_output_tokens`` per observation (cut, with a marker).
@@ -24,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from posttrain.data.trace import Episode, Trace
-from posttrain.envs.base import EnvFactory, EnvStep, TextEnv
+from posttrain.envs.base import SUMMARY_REQUEST, EnvFactory, EnvStep, TextEnv
 from posttrain.rollout.collector import Rollout, encode_prompt, fraction, mean, std
 from posttrain.rollout.engine import Completion, RolloutEngine, SamplingParams
 
@@ -62,7 +66,7 @@ class TurnLimits:
     max_episode_tokens: int = 1024
     max_tool_output_tokens: int = 32
     context_budget: int = 160
-    compaction: Literal["rule", "none"] = "rule"
+    compaction: Literal["rule", "policy", "none"] = "rule"
     keep_turns: int = 1
 
 
@@ -92,6 +96,7 @@ class _LiveEpisode:
     finished: bool = False
     done: bool = False
     success: bool = False
+    summarizing: bool = False  # the next completion is the policy's own summary (compaction: policy)
 
     def __post_init__(self) -> None:
         self.start_trace(self.tokens)
@@ -151,6 +156,7 @@ class MultiTurnCollector:
         schemas = getattr(probe, "tool_schemas", None)
         self.tools = schemas() if self.chat and callable(schemas) else None
         self.marker_ids = self._encode(TRUNCATION_MARKER)
+        self.request_ids = self._encode(SUMMARY_REQUEST + "\n")
         self.max_row_actions = limits.context_budget
         self.max_episode_actions = min(limits.max_episode_tokens, limits.max_turns * max_new_tokens)
 
@@ -192,7 +198,8 @@ class MultiTurnCollector:
                 [episode.tokens for episode in active], params, seed=(seed * 1_000_003 + turn) % 2**63
             )
             for episode, completion in zip(active, completions, strict=True):
-                generated += self._take_turn(episode, completion, params.max_new_tokens)
+                take = self._take_summary if episode.summarizing else self._take_turn
+                generated += take(episode, completion, params.max_new_tokens)
             turn += 1
         for episode in live:
             episode.close_trace(ended=episode.done)
@@ -255,11 +262,44 @@ class MultiTurnCollector:
         if step.done or out_of_budget:
             episode.finished, episode.done = True, step.done
             episode.success = bool(step.info.get("success", step.done and step.reward >= 1.0))
-        elif len(episode.tokens) + len(observation_ids) + turn_room <= limits.context_budget:
+        elif (
+            len(episode.tokens) + len(observation_ids) + turn_room + self._reserve(turn_room)
+            <= limits.context_budget
+        ):
             episode.append(observation_ids, trainable=False)
+        elif limits.compaction == "policy":
+            self._request_summary(episode, observation_ids, turn_room)
         else:
-            self._compact(episode, turn_room)
+            self._compact(episode, turn_room, episode.env.summary())
         return len(action_ids)
+
+    def _reserve(self, turn_room: int) -> int:
+        """Room kept free for a summary request and the policy's summary (compaction: policy)."""
+        return len(self.request_ids) + turn_room if self.limits.compaction == "policy" else 0
+
+    def _request_summary(self, episode: _LiveEpisode, observation_ids: list[int], turn_room: int) -> None:
+        """Append the observation (when it fits beside the summary) and the summary request; the
+        episode's next completion is then its summary, a trainable action of this sub-trace."""
+        budget = self.limits.context_budget
+        if len(episode.tokens) + len(observation_ids) + len(self.request_ids) + turn_room <= budget:
+            episode.append(observation_ids, trainable=False)
+        episode.append(self.request_ids, trainable=False)
+        episode.summarizing = True
+
+    def _take_summary(self, episode: _LiveEpisode, completion: Completion, turn_room: int) -> int:
+        """Append the policy's summary as actions, then compact with it. Returns the tokens written."""
+        room = self.limits.max_episode_tokens - episode.actions_written
+        ids = completion.completion_ids[:room]
+        episode.append(ids, trainable=True, logprobs=completion.logprobs[:room])
+        episode.actions_written += len(ids)
+        text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
+        episode.summarizing = False
+        episode.log.append({"summary": text})
+        if episode.actions_written >= self.limits.max_episode_tokens:
+            episode.finished = True
+        else:
+            self._compact(episode, turn_room, text.strip())
+        return len(ids)
 
     def _step(self, episode: _LiveEpisode, action: str) -> EnvStep:
         try:
@@ -270,14 +310,14 @@ class MultiTurnCollector:
                 f"{action[:80]!r}; an environment must turn bad actions into observations, not raise"
             ) from error
 
-    def _compact(self, episode: _LiveEpisode, turn_room: int) -> None:
-        """Close the open sub-trace; open the next from task + summary + the last turns that fit.
+    def _compact(self, episode: _LiveEpisode, turn_room: int, summary: str) -> None:
+        """Close the open sub-trace; open the next from task + ``summary`` + the last turns that fit.
 
         With ``compaction="none"``, or when not even the task and summary leave room for a turn, the
         episode ends here as truncated instead.
         """
         budget = self.limits.context_budget
-        head = self._context_ids(episode.task_text + episode.env.summary() + "\n")
+        head = self._context_ids(episode.task_text + summary + "\n")
         if self.limits.compaction == "none" or len(head) + turn_room > budget:
             episode.finished = True
             return

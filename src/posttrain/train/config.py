@@ -101,9 +101,10 @@ class EnvConfig(Section):
         description="tokens one sub-trace may hold; when the next observation and turn would not fit, "
         "the context is compacted into a new sub-trace",
     )
-    compaction: Literal["rule", "none"] = Field(
+    compaction: Literal["rule", "policy", "none"] = Field(
         "rule",
         description="rule: restart from the task, the environment's summary and the last keep_turns turns; "
+        "policy: the same with a summary the policy writes when asked (trainable actions); "
         "none: end the episode (truncated) when its context is full",
     )
     keep_turns: int = Field(1, ge=0, description="turns kept verbatim after a rule compaction")

@@ -33,6 +33,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from posttrain.envs.base import SUMMARY_REQUEST
 from posttrain.envs.tools import BadArguments, ToolEnv
 
 __all__ = [
@@ -51,7 +52,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {"min_horizon": 4, "max_horizon": 4}
 NO_SUCH_KEY = "no such key"
 
 _PROMPT = re.compile(r"find the end of chain (\d+)$")
-_SUMMARY = re.compile(r"so far: \d+ lookups, last key (\d+)( end)?$")
+# the environment's summary, or one the policy writes when asked (compaction: policy)
+_SUMMARY = re.compile(r"(?:so far: \d+ lookups, )?last key (\d+)( end)?$")
 _FOUND = re.compile(r"= (\d+)( end)?$")
 
 
@@ -186,6 +188,8 @@ def demonstrate(context: str, rng: random.Random, flawed_fraction: float) -> str
     if not 0.0 <= flawed_fraction <= 1.0:
         raise ValueError(f"flawed_fraction must be in [0, 1], got {flawed_fraction}")
     key, end = _latest_key(context)
+    if context.rstrip("\n").endswith(SUMMARY_REQUEST):  # asked for its own summary (policy compaction)
+        return f"last key {key}{' end' if end else ''}\n"
     if end or (key.startswith("9") and rng.random() < flawed_fraction):
         return f"answer({key})\n"
     return f"lookup({key})\n"
