@@ -545,3 +545,14 @@ def test_policy_compaction_trains_the_summary_the_policy_writes(tokenizer: Any) 
         assert len(closing.tokens) <= 72
         head = enc(tokenizer, f"{row['prompt']}\n{summary.strip()}\n")
         assert opening.tokens[: len(head)] == head and not any(opening.loss_mask[: len(head)])
+
+
+def test_default_budget_compacts_chains_of_eleven_lookups_or_more(tokenizer: Any) -> None:
+    """The threshold the README documents: at env.context_budget's default (160) a perfect policy
+    fits 10 lookups in one context; 11 and more are compacted."""
+    collector = MultiTurnCollector(perfect(tokenizer), tokenizer, KeyChainEnv, TurnLimits(), 12)
+    for horizon, segments in ((10, 1), (11, 2), (30, 4)):
+        rows = [chain_row(horizon, seed) for seed in range(3)]
+        rollout = collector.collect(rows, SamplingParams(max_new_tokens=12), group_size=1, seed=0)
+        assert [len(e.traces) for e in rollout.episodes] == [segments] * 3, horizon
+        assert rollout.metrics["accuracy"] == 1.0
