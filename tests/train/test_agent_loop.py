@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,29 @@ def test_agent_run_with_compaction_end_to_end(out_dir, algorithm):
             {"action", "observation", "reward", "tool", "error"} <= set(turn) for turn in sample["turns"]
         )
     assert (result.checkpoint / "policy" / "config.json").is_file()
+
+
+def test_a_resumed_ppo_agent_run_matches_an_uninterrupted_one(out_dir):
+    """Compacted multi-turn episodes resume bit for bit: a run cut after its step-2 checkpoint
+    continues to the uninterrupted run's steps 3-4 (sampling seeds, critic, schedules)."""
+
+    def config(name):
+        extra = [
+            "optim.steps=4",
+            "logging.checkpoint_every=2",
+            f"run.output_dir={out_dir}",
+            f"run.name={name}",
+        ]
+        return load_config(CONFIGS / "agent_ppo.yaml", [*AGENT, *extra])
+
+    full = train(config("full"))
+    cut = train(config("cut"))
+    shutil.rmtree(cut.checkpoint)  # as if the run had died before its step-4 checkpoint
+    resumed = train(config("cut"), resume=True)
+
+    def steps(result):
+        rows = [r for r in result.history if r["step"] in (3, 4) and "reward_mean" in r]
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rows]
+
+    assert steps(resumed) == steps(full) and len(steps(full)) == 2
+    assert resumed.final_eval == full.final_eval
