@@ -84,10 +84,14 @@ def main() -> None:
     parser.add_argument("--settings", default="short,long")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default="runs/agent_horizon_study")
+    parser.add_argument("--report", action="store_true", help="only rebuild the table and plots from <out>")
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        write_report(load_results(out), out)
+        return
     results: list[dict[str, Any]] = []
     for setting in args.settings.split(","):
         for algorithm in args.algorithms.split(","):
@@ -125,11 +129,12 @@ def main() -> None:
                 (out / f"results-{args.settings.replace(',', '-')}.json").write_text(
                     json.dumps(results, indent=1)
                 )
-    # settings run as separate processes (e.g. one per core) report together
-    merged = [
-        record for path in sorted(out.glob("results-*.json")) for record in json.loads(path.read_text())
-    ]
-    write_report(merged, out)
+    write_report(load_results(out), out)
+
+
+def load_results(out: Path) -> list[dict[str, Any]]:
+    """Every run recorded in ``out`` (settings run as separate processes report together)."""
+    return [record for path in sorted(out.glob("results-*.json")) for record in json.loads(path.read_text())]
 
 
 def write_report(results: list[dict[str, Any]], out: Path) -> None:
@@ -148,6 +153,7 @@ def write_report(results: list[dict[str, Any]], out: Path) -> None:
                     "algorithm": algorithm,
                     "seeds": len(runs),
                     "sub-traces": f"{statistics.mean(r['segments'] or 1 for r in runs):.2f}",
+                    "sampled tokens": f"{statistics.mean(r['sampled_tokens'] for r in runs):.3g}",
                     "success before": mean_std([100 * r["before"] for r in runs], digits=3),
                     "success after": mean_std([100 * r["after"] for r in runs], digits=3),
                     f"tokens to {THRESHOLD:.0%}": f"{statistics.mean(reached):.3g} ({len(reached)}/{len(runs)})"
