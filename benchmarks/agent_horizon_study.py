@@ -9,7 +9,7 @@ starts from the same warm-start per seed (a sloppy demonstrator that answers ear
 with 9), samples the same number of episodes per step, and is evaluated greedily on held-out chains.
 Writes ``<out>/results-<settings>.json`` (run ``--settings short`` and ``--settings long`` as two
 processes to use two cores; each reports every result found in ``<out>``), ``<out>/table.txt`` (held-out success mean ± std over seeds, sampled
-tokens to reach the threshold, wall time) and ``<out>/<setting>.png`` (success vs sampled tokens,
+tokens to reach the threshold, seconds of RL) and ``<out>/<setting>.png`` (success vs sampled tokens,
 mean and min-max band over seeds).
 """
 
@@ -26,8 +26,9 @@ import numpy as np
 from transformers.utils import logging as hf_logging
 
 from posttrain.report.plots import plot_curves_by_group
-from posttrain.report.tables import mean_std, render_table, summary_table
+from posttrain.report.tables import render_table, summary_table
 from posttrain.train.config import load_config
+from posttrain.train.logging import read_metrics
 from posttrain.train.loop import train
 
 # shared by every run: the model, the warm-start, the batch, the evaluation
@@ -55,7 +56,7 @@ SETTINGS = {
     "short": ["data.task_options={min_horizon: 2, max_horizon: 3}"],  # fits one 64-token context
     "long": ["data.task_options={min_horizon: 6, max_horizon: 8}"],  # 2-3 sub-traces per episode
 }
-THRESHOLD = 0.5  # held-out success rate for "tokens to reach"
+THRESHOLD = 0.9  # held-out success rate for "tokens to reach"
 
 
 def eval_curve(history: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -67,6 +68,12 @@ def eval_curve(history: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
             xs.append(tokens)
             ys.append(row["eval_accuracy"])
     return np.asarray(xs), np.asarray(ys)
+
+
+def rl_seconds(history: list[dict[str, Any]]) -> float:
+    """Seconds spent in RL steps (collect, prepare, update), without the warm-start and evaluations."""
+    keys = ("time/generate", "time/score_and_prepare", "time/train")
+    return float(sum(row.get(key, 0.0) for row in history for key in keys))
 
 
 def tokens_to_reach(curve: tuple[np.ndarray, np.ndarray], threshold: float) -> float | None:
@@ -118,6 +125,7 @@ def main() -> None:
                     "sampled_tokens": float(xs[-1]) if xs.size else 0.0,
                     "tokens_to_threshold": tokens_to_reach((xs, ys), THRESHOLD),
                     "seconds": time.perf_counter() - start,
+                    "rl_seconds": rl_seconds(result.history),
                     "curve": [xs.tolist(), ys.tolist()],
                 }
                 results.append(record)
@@ -134,7 +142,21 @@ def main() -> None:
 
 def load_results(out: Path) -> list[dict[str, Any]]:
     """Every run recorded in ``out`` (settings run as separate processes report together)."""
-    return [record for path in sorted(out.glob("results-*.json")) for record in json.loads(path.read_text())]
+    records = [
+        record for path in sorted(out.glob("results-*.json")) for record in json.loads(path.read_text())
+    ]
+    for record in records:
+        if "rl_seconds" not in record:  # recorded by an earlier version: read the run's metrics
+            name = f"study-{record['setting']}-{record['algorithm']}-s{record['seed']}"
+            record["rl_seconds"] = rl_seconds(read_metrics(out / name / "metrics.jsonl"))
+    return records
+
+
+def percent_mean_std(values: list[float]) -> str:
+    """``"mean ± std"`` in percent over seeds (std with Bessel's correction)."""
+    percents = [100 * v for v in values]
+    spread = statistics.stdev(percents) if len(percents) > 1 else 0.0
+    return f"{statistics.mean(percents):.1f} ± {spread:.1f}"
 
 
 def write_report(results: list[dict[str, Any]], out: Path) -> None:
@@ -154,12 +176,12 @@ def write_report(results: list[dict[str, Any]], out: Path) -> None:
                     "seeds": len(runs),
                     "sub-traces": f"{statistics.mean(r['segments'] or 1 for r in runs):.2f}",
                     "sampled tokens": f"{statistics.mean(r['sampled_tokens'] for r in runs):.3g}",
-                    "success before": mean_std([100 * r["before"] for r in runs], digits=3),
-                    "success after": mean_std([100 * r["after"] for r in runs], digits=3),
+                    "success before %": percent_mean_std([r["before"] for r in runs]),
+                    "success after %": percent_mean_std([r["after"] for r in runs]),
                     f"tokens to {THRESHOLD:.0%}": f"{statistics.mean(reached):.3g} ({len(reached)}/{len(runs)})"
                     if reached
                     else f"- (0/{len(runs)})",
-                    "wall s": f"{statistics.mean(r['seconds'] for r in runs):.0f}",
+                    "RL s": f"{statistics.mean(r['rl_seconds'] for r in runs):.0f}",
                 }
             )
         plot_curves_by_group(
