@@ -123,7 +123,6 @@ def main() -> None:
                     "after": result.final_eval["eval_accuracy"],
                     "segments": result.final_eval.get("eval_segments"),
                     "sampled_tokens": float(xs[-1]) if xs.size else 0.0,
-                    "tokens_to_threshold": tokens_to_reach((xs, ys), THRESHOLD),
                     "seconds": time.perf_counter() - start,
                     "rl_seconds": rl_seconds(result.history),
                     "curve": [xs.tolist(), ys.tolist()],
@@ -168,7 +167,11 @@ def write_report(results: list[dict[str, Any]], out: Path) -> None:
             if not runs:
                 continue
             curves[algorithm] = [tuple(r["curve"]) for r in runs]
-            reached = [r["tokens_to_threshold"] for r in runs if r["tokens_to_threshold"] is not None]
+            hits = [
+                tokens_to_reach((np.asarray(r["curve"][0]), np.asarray(r["curve"][1])), THRESHOLD)
+                for r in runs
+            ]
+            reached = [tokens for tokens in hits if tokens is not None]
             rows.append(
                 {
                     "setting": setting,
