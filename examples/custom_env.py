@@ -5,7 +5,8 @@ python examples/custom_env.py
 Each call's result decides the next call (the running total), so the task needs a chain of
 dependent tool calls. The environment is plain Python: tools are typed, documented methods, and
 `posttrain` owns tokens, masks, log-probs and compaction. `demonstrate` (optional) is a scripted
-policy the embedded tiny model imitates before RL; your own HF model does not need one.
+policy the embedded tiny model imitates before RL; your own HF model does not need one. Four RL
+steps show the wiring in half a minute; raise `optim.steps` to train for real.
 """
 
 from __future__ import annotations
@@ -100,9 +101,9 @@ if __name__ == "__main__":
             f"data.path={folder / 'train.jsonl'}",
             f"data.test_path={folder / 'test.jsonl'}",
             "data.max_new_tokens=12",
-            "model.tiny_hidden_size=32",
+            "model.tiny_hidden_size=64",
             "model.tiny_layers=2",
-            "warmstart.steps=150",
+            "warmstart.steps=300",
             "warmstart.batch_size=16",
             "warmstart.lr=0.003",
             "rollout.prompts_per_step=8",
