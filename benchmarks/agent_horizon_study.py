@@ -55,6 +55,7 @@ COMMON = [
 SETTINGS = {
     "short": ["data.task_options={min_horizon: 2, max_horizon: 3}"],  # fits one 64-token context
     "long": ["data.task_options={min_horizon: 6, max_horizon: 8}"],  # 2-3 sub-traces per episode
+    "longer": ["data.task_options={min_horizon: 14, max_horizon: 18}"],  # 5-8 sub-traces, rarer success
 }
 THRESHOLD = 0.9  # held-out success rate for "tokens to reach"
 
@@ -133,9 +134,9 @@ def main() -> None:
                     f"{100 * record['after']:.0f}% ({record['seconds']:.0f} s)",
                     flush=True,
                 )
-                (out / f"results-{args.settings.replace(',', '-')}.json").write_text(
-                    json.dumps(results, indent=1)
-                )
+                (
+                    out / f"results-{args.settings}-{args.algorithms}-s{args.seeds}.json".replace(",", "-")
+                ).write_text(json.dumps(results, indent=1))
     write_report(load_results(out), out)
 
 
