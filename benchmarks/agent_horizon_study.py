@@ -3,14 +3,16 @@
     python benchmarks/agent_horizon_study.py --seeds 0,1,2 [--algorithms ppo,grpo,gspo]
         [--set optim.steps=40] [--out runs/agent_horizon_study]
 
-Two settings of the built-in key_chain task: a short horizon whose episodes fit one context, and a
-long one whose episodes are compacted into several sub-traces (``env.context_budget``). Every run
-starts from the same warm-start per seed (a sloppy demonstrator that answers early at keys starting
-with 9), samples the same number of episodes per step, and is evaluated greedily on held-out chains.
-Writes ``<out>/results-<settings>.json`` (run ``--settings short`` and ``--settings long`` as two
-processes to use two cores; each reports every result found in ``<out>``), ``<out>/table.txt`` (held-out success mean ± std over seeds, sampled
-tokens to reach the threshold, seconds of RL) and ``<out>/<setting>.png`` (success vs sampled tokens,
-mean and min-max band over seeds).
+Settings of the built-in key_chain task (``--settings``, default ``short,long``): ``short``, whose
+episodes fit one context; ``long``, compacted into about 3 sub-traces (``env.context_budget``); and
+``longer``, 5-8 sub-traces with rarer success. Every run starts from the same warm-start per seed (a
+sloppy demonstrator that answers early at keys starting with 9), samples the same number of episodes
+per step, and is evaluated greedily on held-out chains. Writes
+``<out>/results-<settings>-<algorithms>-s<seeds>.json`` (run e.g. ``--settings short`` and
+``--settings long`` as two processes to use two cores; each reports every result found in
+``<out>``), ``<out>/table.txt`` (held-out success mean ± std over seeds, sampled tokens to reach
+the threshold, seconds of RL) and ``<out>/<setting>.png`` (success vs sampled tokens, mean and
+min-max band over seeds).
 """
 
 from __future__ import annotations
