@@ -144,9 +144,9 @@ def main() -> None:
 
 def load_results(out: Path) -> list[dict[str, Any]]:
     """Every run recorded in ``out`` (settings run as separate processes report together)."""
-    records = [
-        record for path in sorted(out.glob("results-*.json")) for record in json.loads(path.read_text())
-    ]
+    found = [record for path in sorted(out.glob("results-*.json")) for record in json.loads(path.read_text())]
+    # a run repeated by another process counts once
+    records = list({(r["setting"], r["algorithm"], r["seed"]): r for r in found}.values())
     for record in records:
         if "rl_seconds" not in record:  # recorded by an earlier version: read the run's metrics
             name = f"study-{record['setting']}-{record['algorithm']}-s{record['seed']}"
