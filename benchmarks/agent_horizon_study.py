@@ -59,6 +59,7 @@ SETTINGS = {
     "long": ["data.task_options={min_horizon: 6, max_horizon: 8}"],  # 2-3 sub-traces per episode
     "longer": ["data.task_options={min_horizon: 14, max_horizon: 18}"],  # 5-8 sub-traces, rarer success
 }
+ORDER = ["ppo", "grpo", "gspo"]
 THRESHOLD = 0.9  # held-out success rate for "tokens to reach"
 
 
@@ -165,7 +166,11 @@ def write_report(results: list[dict[str, Any]], out: Path) -> None:
     rows = []
     for setting in dict.fromkeys(r["setting"] for r in results):
         curves: dict[str, list[tuple[Any, Any]]] = {}
-        for algorithm in dict.fromkeys(r["algorithm"] for r in results):
+        # a fixed order, so an algorithm keeps its colour across settings
+        for algorithm in sorted(
+            {r["algorithm"] for r in results},
+            key=lambda a: (a not in ORDER, ORDER.index(a) if a in ORDER else 0, a),
+        ):
             runs = [r for r in results if r["setting"] == setting and r["algorithm"] == algorithm]
             if not runs:
                 continue
