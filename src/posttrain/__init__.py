@@ -13,9 +13,9 @@ __all__ = ["TrainConfig", "load_config", "train"]
 def __getattr__(name: str) -> Any:
     # keep `import posttrain` light: the trainer pulls in transformers
     if name in ("train",):
-        from posttrain.train.loop import train
+        import posttrain.train  # a callable package: train(config) runs posttrain.train.loop.train
 
-        return train
+        return posttrain.train
     if name in ("TrainConfig", "load_config"):
         from posttrain.train import config
 
