@@ -688,20 +688,37 @@ def test_split_gradient_of_sequence_level_losses(loss: str, aggregation: str) ->
         factor = weight_factor(aggregation, a, b)
         for case in ESTIMATOR_CASES:
             adv_a, adv_b = advantages_of(case, a), advantages_of(case, b)
-            if is_group_estimator(case[0]) or loss not in ROW_MEAN_ADVANTAGE_LOSSES:
-                grad_a = policy_gradient(a, adv_a, loss, aggregation, on_policy=True)
-                grad_b = policy_gradient(b, adv_b, loss, aggregation, on_policy=True)
-                assert_same_tokens(grad_a, a, grad_b, b, factor)
-            grad_a = policy_gradient(a, adv_a, loss, aggregation, CLIP_OFF)
-            grad_b = policy_gradient(b, adv_b, loss, aggregation, CLIP_OFF)
-            s_a, mean_a = row_stats(a, adv_a, tags)
-            s_b, mean_b = row_stats(b, adv_b, tags)
-            if loss not in ROW_MEAN_ADVANTAGE_LOSSES:
-                mean_a = mean_b = torch.ones_like(mean_a)
-            # cross-multiplied: grad_b / grad_a == factor * (s_b mean_b) / (s_a mean_a)
-            lhs = on_tags(grad_b, b, tags) * s_a * mean_a
-            rhs = on_tags(grad_a, a, tags) * factor * s_b * mean_b
-            torch.testing.assert_close(lhs, rhs, rtol=1e-9, atol=1e-10)
+            check_sequence_level_split(a, b, tags, case, adv_a, adv_b, loss, aggregation, factor)
+
+
+def check_sequence_level_split(
+    a: Any,
+    b: Any,
+    tags: list[Tag],
+    case: Any,
+    adv_a: Tensor,
+    adv_b: Tensor,
+    loss: str,
+    aggregation: str,
+    factor: Tensor,
+) -> None:
+    """The split rule for a sequence-level loss: on-policy the token-level rule (episode-constant
+    advantages, or gspo_token); off-policy, clip off, the gradient scales by
+    factor * (s_k / s) * (A_k / A) (A = 1 unless the loss weighs a row by its mean advantage)."""
+    if is_group_estimator(case[0]) or loss not in ROW_MEAN_ADVANTAGE_LOSSES:
+        grad_a = policy_gradient(a, adv_a, loss, aggregation, on_policy=True)
+        grad_b = policy_gradient(b, adv_b, loss, aggregation, on_policy=True)
+        assert_same_tokens(grad_a, a, grad_b, b, factor)
+    grad_a = policy_gradient(a, adv_a, loss, aggregation, CLIP_OFF)
+    grad_b = policy_gradient(b, adv_b, loss, aggregation, CLIP_OFF)
+    s_a, mean_a = row_stats(a, adv_a, tags)
+    s_b, mean_b = row_stats(b, adv_b, tags)
+    if loss not in ROW_MEAN_ADVANTAGE_LOSSES:
+        mean_a = mean_b = torch.ones_like(mean_a)
+    # cross-multiplied: grad_b / grad_a == factor * (s_b mean_b) / (s_a mean_a)
+    lhs = on_tags(grad_b, b, tags) * s_a * mean_a
+    rhs = on_tags(grad_a, a, tags) * factor * s_b * mean_b
+    torch.testing.assert_close(lhs, rhs, rtol=1e-9, atol=1e-10)
 
 
 def test_gspo_gmpo_with_token_varying_advantages_change_even_on_policy() -> None:
@@ -802,25 +819,11 @@ def test_property_split_keeps_advantages_and_scales_gradients(
         on_tags(gae_b, b, tags), torch.tensor([expected[t] for t in tags], dtype=DTYPE), rtol=RTOL, atol=ATOL
     )
 
-    s_a, mean_a = row_stats(a, adv_a, tags)
-    s_b, mean_b = row_stats(b, adv_b, tags)
     for aggregation in AGGREGATIONS.names():
         factor = weight_factor(aggregation, a, b)
         for loss in POLICY_LOSSES.names():
-            if loss not in SEQUENCE_LEVEL_LOSSES:
-                grad_a = policy_gradient(a, adv_a, loss, aggregation)
-                assert_same_tokens(grad_a, a, policy_gradient(b, adv_b, loss, aggregation), b, factor)
+            if loss in SEQUENCE_LEVEL_LOSSES:
+                check_sequence_level_split(a, b, tags, case, adv_a, adv_b, loss, aggregation, factor)
                 continue
-            if is_group_estimator(case[0]) or loss not in ROW_MEAN_ADVANTAGE_LOSSES:
-                grad_a = policy_gradient(a, adv_a, loss, aggregation, on_policy=True)
-                grad_b = policy_gradient(b, adv_b, loss, aggregation, on_policy=True)
-                assert_same_tokens(grad_a, a, grad_b, b, factor)
-            grad_a = policy_gradient(a, adv_a, loss, aggregation, CLIP_OFF)
-            grad_b = policy_gradient(b, adv_b, loss, aggregation, CLIP_OFF)
-            ma, mb = (mean_a, mean_b) if loss in ROW_MEAN_ADVANTAGE_LOSSES else (1.0, 1.0)
-            torch.testing.assert_close(
-                on_tags(grad_b, b, tags) * s_a * ma,
-                on_tags(grad_a, a, tags) * factor * s_b * mb,
-                rtol=1e-9,
-                atol=1e-10,
-            )
+            grad_a = policy_gradient(a, adv_a, loss, aggregation)
+            assert_same_tokens(grad_a, a, policy_gradient(b, adv_b, loss, aggregation), b, factor)
