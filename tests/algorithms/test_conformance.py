@@ -692,10 +692,10 @@ def test_split_gradient_of_sequence_level_losses(loss: str, aggregation: str) ->
 
 
 def check_sequence_level_split(
-    a: Any,
-    b: Any,
+    a: Batch,
+    b: Batch,
     tags: list[Tag],
-    case: Any,
+    case: tuple[str, dict[str, Any]],
     adv_a: Tensor,
     adv_b: Tensor,
     loss: str,
