@@ -215,5 +215,4 @@ def task_from_rows(
         reward_fns=specs,
         max_new_tokens=int(max_new_tokens),
         description=f"User dataset {name!r}: {len(train_rows)} train / {len(test_rows)} test rows.",
-        env=env,
     )

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from posttrain.envs.builtin.key_chain import DEFAULT_OPTIONS as KEY_CHAIN_OPTIONS
+from posttrain.envs.builtin.key_chain import check_horizons, sample_row, transcript_corpus
 from posttrain.rewards.functions import RewardSpec
 
 __all__ = [
@@ -55,7 +57,6 @@ class Task:
     reward_fns: list[RewardSpec]
     max_new_tokens: int
     description: str
-    env: str | None = None  # the built-in environment a multi-turn task runs in (envs/builtin)
 
 
 Row = dict[str, Any]
@@ -322,24 +323,8 @@ def _validate_math(options: Options) -> None:
 # ---------------------------------------------------------------- key chain (multi-turn agent task)
 
 
-def _key_chain_row(rng: random.Random, options: Options) -> Row:
-    from posttrain.envs.builtin.key_chain import sample_row
-
-    return sample_row(rng, min_horizon=options["min_horizon"], max_horizon=options["max_horizon"])
-
-
 def _validate_key_chain(options: Options) -> None:
-    low, high = options["min_horizon"], options["max_horizon"]
-    if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high <= 200):
-        raise ValueError(
-            f"task 'key_chain': need integers 1 <= min_horizon <= max_horizon <= 200, got {low!r} and {high!r}"
-        )
-
-
-def _key_chain_corpus(rows: list[Row]) -> list[str]:
-    from posttrain.envs.builtin.key_chain import transcript_corpus
-
-    return transcript_corpus(rows[:64])
+    check_horizons(options["min_horizon"], options["max_horizon"])
 
 
 # ---------------------------------------------------------------- registry
@@ -383,14 +368,16 @@ TASKS: dict[str, _TaskDefinition] = {
             "Multi-turn tool use: follow a chain of keys with lookup(key) calls, each answer naming the next "
             "key, then answer(last key); horizon = lookups needed. Runs in the key_chain environment."
         ),
-        defaults={"min_horizon": 4, "max_horizon": 4},
-        sample=_key_chain_row,
+        defaults=dict(KEY_CHAIN_OPTIONS),
+        sample=lambda rng, options: sample_row(
+            rng, min_horizon=options["min_horizon"], max_horizon=options["max_horizon"]
+        ),
         rewards=(),
         max_new_tokens=lambda options: 12,
         alphabet=lambda options: string.digits + "()= \nabcdefghijklmnopqrstuvwxyz:,",
         validate=_validate_key_chain,
         env="key_chain",
-        corpus_texts=_key_chain_corpus,
+        corpus_texts=lambda rows: transcript_corpus(rows[:64]),
     ),
 }
 
@@ -466,7 +453,6 @@ def get_task(
         if max_new_tokens is not None
         else definition.max_new_tokens(merged),
         description=definition.description,
-        env=definition.env,
     )
 
 

@@ -30,8 +30,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers.utils import DocstringParsingException, TypeHintParsingException, get_json_schema
-
 from posttrain.envs.base import EnvStep
 
 __all__ = [
@@ -106,6 +104,9 @@ def tool_schema(fn: Callable[..., Any]) -> dict[str, Any]:
     unhinted = [p.name for p in params if p.annotation is inspect.Parameter.empty]
     if unhinted:
         raise ValueError(f"tool {name!r} has no type hint for argument(s): {', '.join(unhinted)}")
+    # imported here: transformers is heavy, and parsing and running tools do not need it
+    from transformers.utils import DocstringParsingException, TypeHintParsingException, get_json_schema
+
     try:
         return get_json_schema(fn)
     except (DocstringParsingException, TypeHintParsingException) as exc:

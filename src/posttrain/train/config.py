@@ -243,21 +243,24 @@ class TrainConfig(Section):
             )
         return self
 
-    def uses_env(self) -> bool:
-        """True when the run collects multi-turn episodes from an environment."""
+    def env_name(self) -> str | None:
+        """The environment the run collects episodes from: ``env.name``, else the built-in task's
+        own (a dataset given by ``data.path`` has none), else None (single-turn)."""
         from posttrain.data.tasks import task_env
 
-        return self.env.name is not None or (self.data.path is None and task_env(self.data.task) is not None)
+        return self.env.name or (task_env(self.data.task) if self.data.path is None else None)
+
+    def uses_env(self) -> bool:
+        """True when the run collects multi-turn episodes from an environment."""
+        return self.env_name() is not None
 
     def _check_env(self) -> None:
         """env.* settings must act: refuse them for a single-turn run instead of ignoring them; an
         environment that does not resolve or rejects its options fails here, before any model."""
-        if self.uses_env():
-            from posttrain.data.tasks import task_env
+        name = self.env_name()
+        if name is not None:
             from posttrain.envs.registry import env_factory
 
-            name = self.env.name or task_env(self.data.task)
-            assert name is not None
             env_factory(name, self.env.options)  # raises EnvSpecError (a ValueError) naming the key
             if self.data.reward_fns:
                 raise ValueError(

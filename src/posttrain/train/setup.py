@@ -72,14 +72,9 @@ def build_task(cfg: TrainConfig) -> Task:
     return task
 
 
-def env_name(cfg: TrainConfig, task: Task) -> str | None:
-    """The environment the run collects episodes from: ``env.name``, else the task's own, else None."""
-    return cfg.env.name or task.env
-
-
 def build_collector(cfg: TrainConfig, task: Task, engine: RolloutEngine, tokenizer: Any) -> Collector:
     """The multi-turn collector when the run has an environment, else the single-turn one."""
-    name = env_name(cfg, task)
+    name = cfg.env_name()
     if name is None:
         return SingleTurnCollector(
             engine, tokenizer, resolve_reward_specs(task.reward_fns), task.max_new_tokens
@@ -104,7 +99,7 @@ def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
     settings and the seed.
     """
     corpus = task_corpus(task)
-    name = env_name(cfg, task)
+    name = cfg.env_name()
     demonstrations: Any = [
         [row.get(k) for k in ("prompt", "solution", "flawed_solution")] for row in task.train
     ]
@@ -149,7 +144,7 @@ def scripted_demonstrations(cfg: TrainConfig, task: Task) -> DemonstrationSource
     demonstrator (``env.demonstrate(context, rng, flawed_fraction) -> action``), collected by the
     same collector as RL, so they carry the same observations and compaction; one per sub-trace.
     None when the environment has no demonstrator."""
-    name = env_name(cfg, task)
+    name = cfg.env_name()
     assert name is not None
     demonstrate = getattr(env_factory(name, cfg.env.options)(), "demonstrate", None)
     if demonstrate is None:

@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_OPTIONS",
     "KEYS",
     "KeyChainEnv",
+    "check_horizons",
     "demonstrate",
     "play_demonstrator",
     "sample_row",
@@ -148,14 +149,20 @@ class KeyChainEnv(ToolEnv):
         return f"so far: {self.lookups} lookups, last key {self.chain[self.reached]}{end}"
 
 
+def check_horizons(min_horizon: Any, max_horizon: Any) -> None:
+    """Raise ValueError unless ``1 <= min_horizon <= max_horizon <= MAX_HORIZON`` (integers)."""
+    integers = isinstance(min_horizon, int) and isinstance(max_horizon, int)
+    if not (integers and 1 <= min_horizon <= max_horizon <= MAX_HORIZON):
+        raise ValueError(
+            f"key_chain needs integers 1 <= min_horizon <= max_horizon <= {MAX_HORIZON}; "
+            f"got min_horizon={min_horizon!r}, max_horizon={max_horizon!r}"
+        )
+
+
 def sample_row(rng: random.Random, *, min_horizon: int, max_horizon: int) -> dict[str, Any]:
     """A random task row: ``prompt``, ``answer``, ``chain`` (``k0..kH``) and ``horizon`` ``H``, with
     ``H`` uniform in ``[min_horizon, max_horizon]``."""
-    if not 1 <= min_horizon <= max_horizon <= MAX_HORIZON:
-        raise ValueError(
-            f"key_chain needs 1 <= min_horizon <= max_horizon <= {MAX_HORIZON}; "
-            f"got min_horizon={min_horizon}, max_horizon={max_horizon}"
-        )
+    check_horizons(min_horizon, max_horizon)
     horizon = rng.randint(min_horizon, max_horizon)
     chain = rng.sample(KEYS, horizon + 1)
     return {
