@@ -35,23 +35,8 @@ from posttrain.rollout.engine import Completion, RolloutEngine, SamplingParams
 TRUNCATION_MARKER = " [...]\n"
 
 
-def chat_text_after_action(
-    tokenizer: Any, action: str, observation: str, tools: list[dict[str, Any]] | None
-) -> str | None:
-    """The chat template's text between an assistant ``action`` and the next assistant turn, when the
-    observation comes back as a ``tool`` message; None when the template does not render the
-    action verbatim right after its generation prompt (then the plain observation is used)."""
-    user = [{"role": "user", "content": "task"}]
-    head = tokenizer.apply_chat_template(user, tools=tools, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(
-        [*user, {"role": "assistant", "content": action}, {"role": "tool", "content": observation}],
-        tools=tools,
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    if not full.startswith(head + action):
-        return None
-    return str(full[len(head) + len(action) :])
+# the chat template renders an action after this stand-in task; only what follows the action is used
+_CHAT_TASK = [{"role": "user", "content": "task"}]
 
 
 class EnvError(RuntimeError):
@@ -114,6 +99,11 @@ class _LiveEpisode:
         self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
         self.rewards.extend([0.0] * len(ids))
 
+    @property
+    def reward(self) -> float:
+        """All rewards received so far (the turns' rewards, on the closed sub-traces)."""
+        return sum(trace.reward_sum for trace in self.traces)
+
     def close_trace(self, *, ended: bool) -> None:
         self.traces.append(
             Trace(
@@ -155,6 +145,13 @@ class MultiTurnCollector:
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         schemas = getattr(probe, "tool_schemas", None)
         self.tools = schemas() if self.chat and callable(schemas) else None
+        self.chat_head = (
+            tokenizer.apply_chat_template(
+                _CHAT_TASK, tools=self.tools, add_generation_prompt=True, tokenize=False
+            )
+            if self.chat
+            else ""
+        )
         self.marker_ids = self._encode(TRUNCATION_MARKER)
         self.request_ids = self._encode(SUMMARY_REQUEST + "\n")
         self.max_row_actions = limits.context_budget
@@ -173,8 +170,16 @@ class MultiTurnCollector:
         tool message holding the observation, the generation prompt)."""
         if not self.chat:
             return self._encode(observation)
-        between = chat_text_after_action(self.tokenizer, action, observation, self.tools)
-        return self._encode(between if between is not None else observation)
+        full = self.tokenizer.apply_chat_template(
+            [*_CHAT_TASK, {"role": "assistant", "content": action}, {"role": "tool", "content": observation}],
+            tools=self.tools,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        # a template that does not render the action verbatim after its generation prompt: plain text
+        if not full.startswith(self.chat_head + action):
+            return self._encode(observation)
+        return self._encode(str(full[len(self.chat_head) + len(action) :]))
 
     def collect(
         self, rows: Sequence[dict[str, Any]], params: SamplingParams, *, group_size: int, seed: int
@@ -236,15 +241,7 @@ class MultiTurnCollector:
         """Append one action, step the environment, then append its observation (compacting first
         when the observation and one more turn would not fit). Returns the tokens written."""
         limits = self.limits
-        room = limits.max_episode_tokens - episode.actions_written
-        action_ids = completion.completion_ids[:room]
-        episode.append(action_ids, trainable=True, logprobs=completion.logprobs[:room])
-        episode.actions_written += len(action_ids)
-        text = (
-            completion.text
-            if len(action_ids) == len(completion.completion_ids)
-            else self.tokenizer.decode(action_ids, skip_special_tokens=True)
-        )
+        action_ids, text = self._append_actions(episode, completion)
         step = self._step(episode, text)
         if action_ids:
             episode.rewards[-1] += step.reward
@@ -273,6 +270,17 @@ class MultiTurnCollector:
             self._compact(episode, turn_room, episode.env.summary())
         return len(action_ids)
 
+    def _append_actions(self, episode: _LiveEpisode, completion: Completion) -> tuple[list[int], str]:
+        """Append the sampled tokens as trainable actions, cut to the episode's remaining token
+        budget; returns them and their text."""
+        room = self.limits.max_episode_tokens - episode.actions_written
+        ids = completion.completion_ids[:room]
+        episode.append(ids, trainable=True, logprobs=completion.logprobs[:room])
+        episode.actions_written += len(ids)
+        if len(ids) == len(completion.completion_ids):
+            return ids, completion.text
+        return ids, str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
     def _reserve(self, turn_room: int) -> int:
         """Room kept free for a summary request and the policy's summary (compaction: policy)."""
         return len(self.request_ids) + turn_room if self.limits.compaction == "policy" else 0
@@ -288,11 +296,7 @@ class MultiTurnCollector:
 
     def _take_summary(self, episode: _LiveEpisode, completion: Completion, turn_room: int) -> int:
         """Append the policy's summary as actions, then compact with it. Returns the tokens written."""
-        room = self.limits.max_episode_tokens - episode.actions_written
-        ids = completion.completion_ids[:room]
-        episode.append(ids, trainable=True, logprobs=completion.logprobs[:room])
-        episode.actions_written += len(ids)
-        text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
+        ids, text = self._append_actions(episode, completion)
         episode.summarizing = False
         episode.log.append({"summary": text})
         if episode.actions_written >= self.limits.max_episode_tokens:
@@ -334,7 +338,7 @@ class MultiTurnCollector:
         episode.compacted_at.append(len(episode.turns))
 
     def _metrics(self, episodes: list[_LiveEpisode]) -> dict[str, float]:
-        rewards = [sum(t.reward_sum for t in e.traces) for e in episodes]
+        rewards = [e.reward for e in episodes]
         turns = [len(e.turns) for e in episodes]
         errors = [entry.get("error") is not None for e in episodes for entry in e.log]
         return {
@@ -355,7 +359,7 @@ class MultiTurnCollector:
             "turns": episode.log,
             "compacted_after_turns": episode.compacted_at,
             "segments": len(episode.traces),
-            "reward": sum(t.reward_sum for t in episode.traces),
+            "reward": episode.reward,
             "success": episode.success,
             "ended": episode.done,
         }
