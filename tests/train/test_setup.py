@@ -16,14 +16,17 @@ from posttrain.models.critic import ValueModel
 from posttrain.models.load import load_policy, save_policy
 from posttrain.rewards.functions import resolve_reward_specs
 from posttrain.rollout.hf import HFRolloutEngine
+from posttrain.rollout.multi_turn import MultiTurnCollector, TurnLimits
 from posttrain.rollout.single_turn import SingleTurnCollector
 from posttrain.train.config import load_config
 from posttrain.train.setup import (
+    build_collector,
     build_state,
     build_task,
     embedded_model_path,
     seed_everything,
 )
+from posttrain.train.step import sampling_params
 
 SMALL = [
     "model.tiny_hidden_size=32",
@@ -441,3 +444,34 @@ def test_seed_everything_makes_critic_heads_reproducible(base) -> None:
     seed_everything(3)
     b = ValueModel.from_pretrained(path).value_head.weight
     torch.testing.assert_close(a, b)
+
+
+def test_every_env_setting_reaches_the_multi_turn_collector(tmp_path: Path, tiny_model_dir) -> None:
+    cfg = _config(
+        tmp_path,
+        "data.task=key_chain",
+        "env.options={step_reward: 0.25}",
+        "env.max_turns=7",
+        "env.max_episode_tokens=99",
+        "env.max_tool_output_tokens=5",
+        "env.context_budget=77",
+        "env.compaction=policy",
+        "env.keep_turns=2",
+        "rollout.stop=['!']",
+    )
+    assert cfg.env_name() == "key_chain"
+    task = build_task(cfg)
+    model, tokenizer = load_policy(tiny_model_dir)
+    collector = build_collector(cfg, task, HFRolloutEngine(model, tokenizer), tokenizer)
+    assert isinstance(collector, MultiTurnCollector)
+    assert collector.limits == TurnLimits(
+        max_turns=7,
+        max_episode_tokens=99,
+        max_tool_output_tokens=5,
+        context_budget=77,
+        compaction="policy",
+        keep_turns=2,
+    )
+    assert collector.make_env().step_reward == 0.25
+    assert collector.max_episode_actions == min(99, 7 * task.max_new_tokens)
+    assert sampling_params(cfg, max_new_tokens=3).stop == ("!",)
