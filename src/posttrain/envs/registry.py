@@ -6,6 +6,8 @@ import functools
 from typing import Any
 
 from posttrain.envs.base import EnvFactory, TextEnv
+from posttrain.envs.guard import Guard
+from posttrain.envs.tools import ToolEnv
 from posttrain.plugins import load_from_spec
 
 
@@ -19,11 +21,12 @@ def builtin_envs() -> dict[str, Any]:
     return dict(ENVS)
 
 
-def env_factory(spec: str, options: dict[str, Any] | None = None) -> EnvFactory:
+def env_factory(spec: str, options: dict[str, Any] | None = None, guard: Guard | None = None) -> EnvFactory:
     """A zero-argument factory of fresh environments for ``spec`` built with ``options``.
 
     ``spec`` is a built-in name or ``'module:Class'`` / ``'path/file.py:Class'`` (any callable that
     returns a ``TextEnv``). One instance is built here, so bad options fail now, naming the fix.
+    With a ``guard``, every environment built checks its tool calls with it (a ``ToolEnv`` only).
     """
     options = dict(options or {})
     builtins = builtin_envs()
@@ -50,4 +53,17 @@ def env_factory(spec: str, options: dict[str, Any] | None = None) -> EnvFactory:
             f"env.name: {spec!r} built a {type(probe).__name__}, which lacks reset/step/summary "
             "(see posttrain.envs.base.TextEnv)"
         )
-    return functools.partial(make, **options)
+    if guard is None:
+        return functools.partial(make, **options)
+    if not isinstance(probe, ToolEnv):
+        raise EnvSpecError(
+            f"env.guard: {spec!r} is a {type(probe).__name__}, not a ToolEnv, so its tool calls cannot be "
+            "guarded; derive it from posttrain.envs.tools.ToolEnv or drop env.guard"
+        )
+    return functools.partial(_guarded, make, options, guard)
+
+
+def _guarded(make: Any, options: dict[str, Any], guard: Guard) -> TextEnv:
+    env = make(**options)
+    env.guard = guard
+    return env  # type: ignore[no-any-return]

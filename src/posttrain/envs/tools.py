@@ -28,9 +28,12 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from posttrain.envs.base import EnvStep
+
+if TYPE_CHECKING:
+    from posttrain.envs.guard import Guard
 
 __all__ = [
     "CALL_STYLES",
@@ -201,14 +204,25 @@ class ToolEnv:
     never ends the episode. The step that ends it has an empty observation: nothing follows it.
     ``info`` holds ``tool`` (the called name or None) and ``error`` (a ``ToolError`` kind or None),
     plus whatever ``step_info`` adds.
+
+    With a ``guard`` (``posttrain.envs.guard``; set by the run from ``env.guard``) every parsed call
+    is checked before it runs; a denied call does not run, the policy is shown a decoy observation
+    (``decoy_texts`` lets an environment word them like its own answers) and the verdict is in
+    ``info["guard"]``.
     """
+
+    decoy_texts: ClassVar[dict[str, str]] = {}
+    # turns of recent episode text shown to the guard's judge
+    judge_context_turns: ClassVar[int] = 6
 
     def __init__(self, call_style: str = "plain") -> None:
         self.call_style = check_call_style(call_style)
         self.seed = 0
+        self.guard: Guard | None = None
         self._tools: dict[str, Callable[..., Any]] | None = None
         self._pending_reward = 0.0
         self._over = False
+        self._history: list[str] = []
 
     # ---------------------------------------------------------------- hooks for subclasses
 
@@ -266,6 +280,7 @@ class ToolEnv:
         self._over = False
         observation = self.start(row)
         self._tools = self.tools()
+        self._history = [observation]
         return observation
 
     def step(self, action: str) -> EnvStep:
@@ -274,9 +289,23 @@ class ToolEnv:
             raise RuntimeError("step() needs reset() first and cannot follow the episode's end")
         self._pending_reward = 0.0
         call = parse_tool_call(action, self.call_style)
-        result = call if isinstance(call, ToolError) else run_tool(call, self._tools)
+        verdict = None
+        if isinstance(call, ToolCall) and self.guard is not None:
+            context = "".join(self._history[:1] + self._history[1:][-self.judge_context_turns :])
+            verdict = self.guard.check(call, context + action)
+        result: str | ToolError
+        if isinstance(call, ToolError):
+            result = call
+        elif verdict is not None and verdict.denied and verdict.enforced:
+            assert self.guard is not None
+            result = self.guard.decoy_observation(self.decoy_texts)
+            self._pending_reward -= self.guard.penalty
+        else:
+            result = run_tool(call, self._tools)
         error = result.kind if isinstance(result, ToolError) else None
         info: dict[str, Any] = {"tool": call.name if isinstance(call, ToolCall) else None, "error": error}
+        if verdict is not None:
+            info["guard"] = verdict.info()
         reward = self._pending_reward
         self._over = self.finished()
         if self._over:
@@ -287,5 +316,6 @@ class ToolEnv:
             observation = self.format_observation(text)
             if self.call_style == "plain" and action and not action.endswith("\n"):
                 observation = "\n" + observation  # keep the observation on its own line
+        self._history.append(action + observation)
         info.update(self.step_info())
         return EnvStep(observation=observation, reward=reward, done=self._over, info=info)

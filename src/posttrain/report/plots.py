@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-DEFAULT_KEYS = ("reward_mean", "accuracy", "kl", "eval_accuracy")
+DEFAULT_KEYS = ("reward_mean", "accuracy", "kl", "eval_accuracy", "guard_interception_rate")
 SMOOTH_MIN_POINTS = 20  # below this, a moving average hides more than it shows
 
 

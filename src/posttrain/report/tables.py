@@ -66,3 +66,25 @@ def mean_std(values: Iterable[Any], digits: int = 3) -> str:
     if array.size == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {float(array.std(ddof=1)):.{digits}f}"
+
+
+def interception_trend(history: Sequence[Mapping[str, Any]]) -> str | None:
+    """One line on the guard's interception rate (denied / checked tool calls) in the first and the
+    last quarter of training steps, or None for a run without a guard. A rising rate is the early
+    warning that the policy is learning to cheat."""
+    rows = [h for h in history if "guard_checked" in h and "final" not in h]
+    if not rows:
+        return None
+    quarter = max(1, len(rows) // 4)
+
+    def rate(part: Sequence[Mapping[str, Any]]) -> float:
+        checked = sum(float(h["guard_checked"]) for h in part)
+        return sum(float(h["guard_denied"]) for h in part) / checked if checked else 0.0
+
+    first, last = rate(rows[:quarter]), rate(rows[-quarter:])
+    arrow = "rising: the policy is learning to cheat" if last > first + 0.05 else "not rising"
+    total = sum(float(h["guard_denied"]) for h in rows)
+    return (
+        f"guard: {total:.0f} tool calls intercepted; interception rate {100 * first:.1f}% in the first "
+        f"quarter of steps, {100 * last:.1f}% in the last ({arrow})"
+    )

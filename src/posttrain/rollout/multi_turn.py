@@ -141,6 +141,7 @@ class MultiTurnCollector:
         self.limits = limits
         probe = make_env()
         self.env_stop = tuple(getattr(probe, "stop_strings", ()))
+        self.guarded = getattr(probe, "guard", None) is not None
         # a chat model sees its tools listed by its template and observations as tool messages
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         schemas = getattr(probe, "tool_schemas", None)
@@ -341,7 +342,8 @@ class MultiTurnCollector:
         rewards = [e.reward for e in episodes]
         turns = [len(e.turns) for e in episodes]
         errors = [entry.get("error") is not None for e in episodes for entry in e.log]
-        return {
+        guard = _guard_metrics([entry["guard"] for e in episodes for entry in e.log if "guard" in entry])
+        return (guard if self.guarded else {}) | {
             "reward_mean": mean(rewards),
             "reward_std": std(rewards),
             "accuracy": fraction([e.success for e in episodes]),
@@ -354,6 +356,7 @@ class MultiTurnCollector:
         }
 
     def _sample(self, episode: _LiveEpisode) -> dict[str, Any]:
+        # each turn's log carries the environment's info, so an intercepted call shows its guard verdict
         return {
             "prompt": episode.task_text,
             "turns": episode.log,
@@ -363,3 +366,19 @@ class MultiTurnCollector:
             "success": episode.success,
             "ended": episode.done,
         }
+
+
+def _guard_metrics(verdicts: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-step guard counts from the calls' ``info["guard"]``: checked, flagged by rules, sent to the
+    judge, denied (or, auditing, would have been), the interception rate (denied / checked) and the
+    judge's mean latency in seconds."""
+    judged = [v["judge_seconds"] for v in verdicts if "judge_seconds" in v]
+    denied = sum(bool(v.get("denied")) for v in verdicts)
+    return {
+        "guard_checked": float(len(verdicts)),
+        "guard_flagged": float(sum("stage" in v for v in verdicts)),
+        "guard_judged": float(len(judged)),
+        "guard_denied": float(denied),
+        "guard_interception_rate": denied / len(verdicts) if verdicts else 0.0,
+        "guard_judge_seconds": mean(judged) if judged else 0.0,
+    }

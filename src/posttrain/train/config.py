@@ -83,6 +83,136 @@ class RolloutConfig(Section):
     )
 
 
+class GuardRuleConfig(Section):
+    """One guard rule: a regex over a tool call's argument values."""
+
+    name: str
+    pattern: str = Field(
+        description="regular expression searched (case-insensitive) in the call's argument values"
+    )
+    action: Literal["deny", "suspect"] = Field(
+        "deny",
+        description="deny: the call never runs; suspect: the judge decides (see guard.suspect_without_judge)",
+    )
+    tools: list[str] = Field(
+        default_factory=list, description="tool names (globs) the rule applies to; empty = all"
+    )
+
+
+class JudgeConfig(Section):
+    """The guard's judge, asked only about calls a rule marked suspect."""
+
+    kind: Literal["callable", "hf", "http"] = Field(
+        description="callable: your function 'module:fn' or 'file.py:fn' (JudgeQuery -> JudgeVerdict | bool | "
+        "(bool, reason)); hf: a local HF chat model; http: an OpenAI-compatible endpoint"
+    )
+    fn: str | None = Field(None, description="kind callable: 'package.module:fn' or 'path/file.py:fn'")
+    model_path: str | None = Field(None, description="kind hf: a local model folder")
+    url: str | None = Field(None, description="kind http: the API base, e.g. http://127.0.0.1:8000/v1")
+    model: str | None = Field(None, description="kind http: the model name sent with each request")
+    api_key_env: str | None = Field(None, description="kind http: environment variable holding the API key")
+    timeout_s: float = Field(10.0, gt=0.0, allow_inf_nan=False, description="kind http: seconds per request")
+    max_new_tokens: int = Field(16, ge=1, description="kind hf/http: length of the judge's reply")
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> JudgeConfig:
+        needed = {"callable": ("fn",), "hf": ("model_path",), "http": ("url", "model")}[self.kind]
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"env.guard.judge.{missing[0]} is required for judge kind {self.kind!r}")
+        unused = {"fn", "model_path", "url", "model", "api_key_env"} - set(needed)
+        if self.kind == "http":
+            unused.discard("api_key_env")
+        stray = sorted(name for name in unused if getattr(self, name) is not None)
+        if stray:
+            raise ValueError(f"env.guard.judge.{stray[0]} is not used by judge kind {self.kind!r}; drop it")
+        return self
+
+
+class GuardConfig(Section):
+    """The reward-hacking guard on tool calls: rules, then a judge for suspect calls, decoys for denied ones."""
+
+    default_rules: bool = Field(
+        True,
+        description="use the built-in rules (network fetches, hidden answers/graders, searching for them: deny; "
+        "test files, paths outside the working area: suspect)",
+    )
+    rules: list[GuardRuleConfig] = Field(
+        default_factory=list, description="your rules, checked with the defaults"
+    )
+    judge: JudgeConfig | None = Field(None, description="None = no judge")
+    suspect_without_judge: Literal["deny", "allow"] = Field(
+        "deny", description="what happens to a suspect call when there is no judge"
+    )
+    decoy: Literal["not_found", "empty", "error", "text"] = Field(
+        "not_found",
+        description="what a denied call shows: a plausible 'no such file', an empty result, a generic error, "
+        "or decoy_text",
+    )
+    decoy_text: str | None = Field(None, description="the observation of a denied call, with decoy: text")
+    penalty: float = Field(
+        0.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="subtracted from the reward of a turn whose call was denied",
+    )
+    enforce: bool = Field(
+        True, description="false = audit only: verdicts are logged and counted but every call runs"
+    )
+
+    def build(self) -> Any:
+        """The ``posttrain.envs.guard.Guard`` these settings describe (a model judge loads lazily)."""
+        from posttrain.envs.guard import DEFAULT_RULES, Guard, GuardRule
+
+        rules = [GuardRule(r.name, r.pattern, r.action, tuple(r.tools)) for r in self.rules]
+        if self.default_rules:
+            rules += list(DEFAULT_RULES)
+        if not rules:
+            raise ValueError(
+                "env.guard has no rules: set env.guard.default_rules: true or add env.guard.rules"
+            )
+        return Guard(
+            rules,
+            judge=self.judge and _build_judge(self.judge),
+            suspect_without_judge=self.suspect_without_judge,
+            decoy=self.decoy,
+            decoy_text=self.decoy_text,
+            penalty=self.penalty,
+            enforce=self.enforce,
+        )
+
+
+def _build_judge(judge: JudgeConfig) -> Any:
+    from posttrain.envs.guard import ModelJudge
+
+    if judge.kind == "callable":
+        from posttrain.plugins import load_from_spec
+
+        _, fn = load_from_spec(
+            str(judge.fn),
+            kind="env.guard.judge.fn",
+            error=ValueError,
+            hint="give 'package.module:function' or 'path/to/file.py:function'",
+        )
+        if not callable(fn):
+            raise ValueError(f"env.guard.judge.fn: {judge.fn!r} is a {type(fn).__name__}, not a callable")
+        return fn
+    from posttrain.rewards.judge import HTTPChatClient, LocalHFChatClient
+
+    if judge.kind == "hf":
+        return ModelJudge(LocalHFChatClient(judge.model_path, max_new_tokens=judge.max_new_tokens))
+    assert judge.url is not None and judge.model is not None
+    return ModelJudge(
+        HTTPChatClient(
+            judge.url,
+            judge.model,
+            timeout_s=judge.timeout_s,
+            api_key_env=judge.api_key_env,
+            max_tokens=judge.max_new_tokens,
+        )
+    )
+
+
 class EnvConfig(Section):
     """Multi-turn agent tasks: the environment and the limits of its episodes."""
 
@@ -108,6 +238,10 @@ class EnvConfig(Section):
         "none: end the episode (truncated) when its context is full",
     )
     keep_turns: int = Field(1, ge=0, description="turns kept verbatim after a rule compaction")
+    guard: GuardConfig | None = Field(
+        None,
+        description="the reward-hacking guard on tool calls (see docs/agents.md); None = calls run unchecked",
+    )
 
 
 class AlgorithmOverrides(Section):
@@ -261,7 +395,8 @@ class TrainConfig(Section):
         if name is not None:
             from posttrain.envs.registry import env_factory
 
-            env_factory(name, self.env.options)  # raises EnvSpecError (a ValueError) naming the key
+            # raises EnvSpecError (a ValueError) naming the key; a bad guard rule or judge fails here too
+            env_factory(name, self.env.options, self.env.guard and self.env.guard.build())
             if self.data.reward_fns:
                 raise ValueError(
                     f"data.reward_fns: the environment {name!r} scores its own episodes, so reward "

@@ -13,7 +13,7 @@ import torch
 from posttrain.data.tasks import Task
 from posttrain.models.load import save_policy
 from posttrain.report.plots import plot_training_curves
-from posttrain.report.tables import render_table, summary_table
+from posttrain.report.tables import interception_trend, render_table, summary_table
 from posttrain.train.checkpoint import (
     latest_checkpoint,
     load_extra_tensors,
@@ -172,7 +172,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     keys = ["reward_mean", "accuracy", "eval_accuracy", "kl", "entropy", "response_length"]
     if cfg.optim.epochs > 1 or cfg.optim.num_mini_batches > 1:
         keys.insert(4, "clipfrac")  # one on-policy update per rollout never clips
-    keys += ["turns", "segments", "explained_variance"]  # agent runs and critics only (absent: skipped)
+    # agent runs, guarded runs and critics only (absent: skipped)
+    keys += ["turns", "segments", "guard_interception_rate", "explained_variance"]
     plot = plot_training_curves(
         history, run_dir / "curves.png", keys=keys, title=f"{cfg.algorithm} on {task.name}"
     )
@@ -196,6 +197,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
             title=f"{cfg.algorithm} on {task.name}: {cfg.optim.steps} steps in {time.perf_counter() - start:.0f} s",
         )
     )
+    trend = interception_trend(history)
+    if trend:
+        table += trend + "\n"
     return TrainResult(
         run_dir=run_dir,
         initial_eval={k: v for k, v in initial.items() if k != "samples"},

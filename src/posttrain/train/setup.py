@@ -72,8 +72,11 @@ def build_task(cfg: TrainConfig) -> Task:
     return task
 
 
-def build_collector(cfg: TrainConfig, task: Task, engine: RolloutEngine, tokenizer: Any) -> Collector:
-    """The multi-turn collector when the run has an environment, else the single-turn one."""
+def build_collector(
+    cfg: TrainConfig, task: Task, engine: RolloutEngine, tokenizer: Any, *, guarded: bool = True
+) -> Collector:
+    """The multi-turn collector when the run has an environment, else the single-turn one;
+    ``guarded=False`` leaves out ``env.guard`` (for the warm-start's scripted demonstrations)."""
     name = cfg.env_name()
     if name is None:
         return SingleTurnCollector(
@@ -88,7 +91,9 @@ def build_collector(cfg: TrainConfig, task: Task, engine: RolloutEngine, tokeniz
         compaction=env.compaction,
         keep_turns=env.keep_turns,
     )
-    return MultiTurnCollector(engine, tokenizer, env_factory(name, env.options), limits, task.max_new_tokens)
+    guard = env.guard.build() if env.guard is not None and guarded else None
+    make_env = env_factory(name, env.options, guard)
+    return MultiTurnCollector(engine, tokenizer, make_env, limits, task.max_new_tokens)
 
 
 def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
@@ -105,7 +110,8 @@ def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
     ]
     shape: dict[str, Any] = {"warmstart": cfg.warmstart.model_dump()}
     if name is not None:  # agent demonstrations depend on the whole task and the episode limits
-        demonstrations, shape["env"] = task.train, cfg.env.model_dump() | {"name": name}
+        # the guard acts on RL rollouts only, so guarded and unguarded runs share one warm-start
+        demonstrations, shape["env"] = task.train, cfg.env.model_dump(exclude={"guard"}) | {"name": name}
     base_key = _short_hash({"corpus": corpus, "tokenizer": TOKENIZER_VERSION})
     warm_key = _short_hash(
         {
@@ -155,7 +161,8 @@ def scripted_demonstrations(cfg: TrainConfig, task: Task) -> DemonstrationSource
         engine = ScriptedEngine(
             tokenizer, lambda context: demonstrate(context, rng, cfg.warmstart.flawed_fraction)
         )
-        rollout = build_collector(cfg, task, engine, tokenizer).collect(rows, params, group_size=1, seed=0)
+        collector = build_collector(cfg, task, engine, tokenizer, guarded=False)
+        rollout = collector.collect(rows, params, group_size=1, seed=0)
         return [(trace.tokens, trace.loss_mask) for episode in rollout.episodes for trace in episode.traces]
 
     return source
