@@ -102,3 +102,47 @@ def test_an_agent_task_validates_its_environment_at_load() -> None:
         load_config(None, ["env.name=maze"])
     with pytest.raises(ConfigError, match="env.compaction"):
         load_config(None, ["data.task=key_chain", "env.compaction=summarise"])
+
+
+def test_guard_settings_are_validated_at_load(tmp_path) -> None:
+    agent = ["data.task=key_chain"]
+    cfg = load_config(None, [*agent, "env.guard={penalty: 0.5, decoy: empty}"])
+    guard = cfg.env.guard.build()
+    assert (guard.penalty, guard.decoy, guard.enforce, len(guard.rules)) == (0.5, "empty", True, 5)
+    own = load_config(None, [*agent, "env.guard={default_rules: false, rules: [{name: r, pattern: 'x+'}]}"])
+    assert [rule.name for rule in own.env.guard.build().rules] == ["r"]
+    judge_file = tmp_path / "judge.py"
+    judge_file.write_text("def judge(query):\n    return False, 'no'\n")
+    judged = load_config(None, [*agent, f"env.guard={{judge: {{kind: callable, fn: '{judge_file}:judge'}}}}"])
+    assert judged.env.guard.build().judge.__name__ == "judge"
+    cases = [
+        ("env.guard={rules: [{name: r, pattern: '('}]}", r"rule 'r'.*not a regex"),
+        ("env.guard={default_rules: false}", "env.guard has no rules"),
+        ("env.guard={decoy: nothing}", "env.guard.decoy"),
+        ("env.guard={decoy: text}", "decoy_text"),
+        ("env.guard={penalty: -1}", "env.guard.penalty"),
+        ("env.guard={penalty: .inf}", "env.guard.penalty"),
+        ("env.guard={enforse: false}", "env.guard.enforse"),
+        ("env.guard={judge: {kind: http, url: 'http://127.0.0.1:9/v1'}}", "env.guard.judge.model is required"),
+        ("env.guard={judge: {kind: hf, model_path: m, url: u}}", "env.guard.judge.url is not used"),
+        ("env.guard={judge: {kind: callable, fn: 'no_such_module_xyz:judge'}}", "no_such_module_xyz"),
+        ("env.guard={judge: {kind: callable, fn: 'json:__doc__'}}", "not a callable"),
+    ]
+    for override, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [*agent, override])
+    with pytest.raises(ConfigError, match="env.guard is set, but the task 'arithmetic' is single-turn"):
+        load_config(None, ["env.guard={}"])
+
+
+def test_guard_needs_a_tool_env(tmp_path) -> None:
+    module = tmp_path / "bare_env.py"
+    module.write_text(
+        "class Bare:\n"
+        "    def reset(self, row, *, seed): return 'x'\n"
+        "    def step(self, action): raise NotImplementedError\n"
+        "    def summary(self): return ''\n"
+    )
+    assert load_config(None, [f"env.name={module}:Bare", "data.task=key_chain"]).uses_env()
+    with pytest.raises(ConfigError, match="env.guard: .* is a Bare, not a ToolEnv"):
+        load_config(None, [f"env.name={module}:Bare", "data.task=key_chain", "env.guard={}"])
