@@ -306,3 +306,30 @@ def test_judge_sees_the_recent_episode() -> None:
     env.step('read("dir/b.txt")\n')
     [query] = judge.queries
     assert query.context == 'open the vault\nread("a.txt")\n= missing\nread("dir/b.txt")\n'
+
+
+def test_an_http_judge_decides_suspect_calls(chat_server: Any) -> None:
+    """The judge stage against an OpenAI-compatible endpoint (a local server, no network)."""
+    from posttrain.rewards.judge import HTTPChatClient
+
+    judge = ModelJudge(HTTPChatClient(chat_server.base_url, "judge-model", timeout_s=5.0))
+    env = VaultEnv()
+    env.guard = Guard([GuardRule("answers", "answers/", "suspect")], judge=judge)
+    chat_server.content = "DENY: reads the leaked answer"
+    steps, total = cheat(env)
+    assert total == 0.0 and env.reads == 0
+    assert steps[0].info["guard"] == {
+        "denied": True,
+        "stage": "judge",
+        "rule": "answers",
+        "reason": "reads the leaked answer",
+        "judge_seconds": steps[0].info["guard"]["judge_seconds"],
+    }
+    [request] = chat_server.requests  # only the suspect call reached the judge
+    assert 'read("answers/code.txt")' in request["body"]["messages"][1]["content"]
+    assert request["body"]["model"] == "judge-model"
+    chat_server.content = "ALLOW: fine"
+    assert cheat(env)[1] == 1.0 and env.reads == 1
+    chat_server.status = 500  # a failing endpoint fails closed
+    steps, total = cheat(env)
+    assert total == 0.0 and steps[0].info["guard"]["reason"].startswith("judge failed: JudgeError")

@@ -1,11 +1,6 @@
-import json
 import shutil
 import socket
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,87 +16,11 @@ MESSAGES = [
 ]
 
 
-@dataclass
-class FakeChatServer:
-    """A minimal OpenAI-compatible chat server on 127.0.0.1; records each request it gets."""
-
-    server: ThreadingHTTPServer
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    content: str = "DENY"
-    status: int = 200
-    raw_body: bytes | None = None  # sent as is instead of a chat completion when set
-    delay_s: float = 0.0
-    release: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def base_url(self) -> str:
-        port = self.server.server_address[1]
-        return f"http://127.0.0.1:{port}/v1"
-
-
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a client that gave up (timeout test) makes the late write fail: expected
-
-
-@pytest.fixture
-def chat_server() -> Iterator[FakeChatServer]:
-    state: FakeChatServer
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length", 0))
-            body = self.rfile.read(length)
-            state.requests.append(
-                {"path": self.path, "headers": dict(self.headers.items()), "body": json.loads(body)}
-            )
-            if state.delay_s:
-                state.release.wait(state.delay_s)
-            if state.raw_body is not None:
-                payload = state.raw_body
-            else:
-                payload = json.dumps(
-                    {
-                        "id": "cmpl-1",
-                        "object": "chat.completion",
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": state.content},
-                                "finish_reason": "stop",
-                            }
-                        ],
-                    }
-                ).encode()
-            self.send_response(state.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = _QuietServer(("127.0.0.1", 0), Handler)
-    state = FakeChatServer(server=server)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        state.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
 # --- HTTPChatClient -----------------------------------------------------------------------------
 
 
 def test_http_client_posts_openai_request_and_returns_content(
-    chat_server: FakeChatServer, monkeypatch: pytest.MonkeyPatch
+    chat_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("JUDGE_TEST_KEY", raising=False)
     chat_server.content = "ALLOW, the call is harmless."
@@ -124,7 +43,7 @@ def test_http_client_posts_openai_request_and_returns_content(
 
 
 def test_http_client_sends_bearer_key_only_when_env_var_is_set(
-    chat_server: FakeChatServer, monkeypatch: pytest.MonkeyPatch
+    chat_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("JUDGE_TEST_KEY", raising=False)
     client = HTTPChatClient(chat_server.base_url, "judge", api_key_env="JUDGE_TEST_KEY")
@@ -140,13 +59,13 @@ def test_http_client_sends_bearer_key_only_when_env_var_is_set(
     assert with_key["authorization"] == "Bearer sk-test-123"
 
 
-def test_http_client_returns_content_verbatim(chat_server: FakeChatServer) -> None:
+def test_http_client_returns_content_verbatim(chat_server: Any) -> None:
     chat_server.content = "  DENY\n"
     assert HTTPChatClient(chat_server.base_url, "judge").complete(MESSAGES) == "  DENY\n"
 
 
 def test_http_error_status_raises_judge_error_naming_endpoint_and_status(
-    chat_server: FakeChatServer,
+    chat_server: Any,
 ) -> None:
     chat_server.status = 500
     chat_server.raw_body = b'{"error": {"message": "model overloaded"}}'
@@ -159,7 +78,7 @@ def test_http_error_status_raises_judge_error_naming_endpoint_and_status(
     assert "500" in message and "model overloaded" in message
 
 
-def test_non_json_body_raises_judge_error(chat_server: FakeChatServer) -> None:
+def test_non_json_body_raises_judge_error(chat_server: Any) -> None:
     chat_server.raw_body = b"<html>gateway says hello</html>"
     with pytest.raises(JudgeError, match="not JSON.*gateway says hello"):
         HTTPChatClient(chat_server.base_url, "judge").complete(MESSAGES)
@@ -175,14 +94,14 @@ def test_non_json_body_raises_judge_error(chat_server: FakeChatServer) -> None:
         b'{"error": {"message": "unknown model"}}',
     ],
 )
-def test_json_without_content_raises_judge_error(chat_server: FakeChatServer, body: bytes) -> None:
+def test_json_without_content_raises_judge_error(chat_server: Any, body: bytes) -> None:
     chat_server.raw_body = body
     client = HTTPChatClient(chat_server.base_url, "judge")
     with pytest.raises(JudgeError, match=f"'judge' at {client.endpoint}: .*(content|error)"):
         client.complete(MESSAGES)
 
 
-def test_slow_server_raises_judge_error_after_timeout(chat_server: FakeChatServer) -> None:
+def test_slow_server_raises_judge_error_after_timeout(chat_server: Any) -> None:
     chat_server.delay_s = 5.0
     client = HTTPChatClient(chat_server.base_url, "judge", timeout_s=0.3)
     start = time.perf_counter()
@@ -221,7 +140,7 @@ def test_bad_settings_raise_value_error(kwargs: dict[str, Any], name: str) -> No
         HTTPChatClient("http://127.0.0.1:1/v1", "judge", **kwargs)
 
 
-def test_malformed_messages_raise_value_error_before_any_request(chat_server: FakeChatServer) -> None:
+def test_malformed_messages_raise_value_error_before_any_request(chat_server: Any) -> None:
     client = HTTPChatClient(chat_server.base_url, "judge")
     with pytest.raises(ValueError, match="at least one"):
         client.complete([])
