@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +16,9 @@ from posttrain.data.tasks import (
     corpus,
     get_task,
     task_corpus,
+    task_env,
 )
+from posttrain.envs.builtin import sample_row
 from posttrain.rewards.functions import RewardSpec, resolve_reward_specs, score_completions
 
 
@@ -25,7 +29,7 @@ def _solution_scores(task: Task, rows: list[dict]) -> list[float]:
 
 
 def test_available_tasks_and_default() -> None:
-    assert available_tasks() == ["arithmetic", "countdown", "key_chain", "math"]
+    assert available_tasks() == ["arithmetic", "countdown", "key_chain", "leaky_chain", "math"]
     assert DEFAULT_TASK == "arithmetic"
     assert get_task(num_train=5, num_test=2).name == "arithmetic"
 
@@ -33,7 +37,7 @@ def test_available_tasks_and_default() -> None:
 def test_unknown_task_lists_available() -> None:
     with pytest.raises(
         ValueError,
-        match=r"unknown task 'gsm8k'; available tasks: \['arithmetic', 'countdown', 'key_chain', 'math'\]",
+        match=r"unknown task 'gsm8k'; available tasks: \['arithmetic', 'countdown', 'key_chain', 'leaky_chain', 'math'\]",
     ):
         get_task("gsm8k")
 
@@ -52,6 +56,8 @@ def test_unknown_option_lists_accepted_options() -> None:
         ("math", {"templates": ["plus", "calculus"]}, r"unknown templates \['calculus'\]"),
         ("key_chain", {"min_horizon": 5, "max_horizon": 3}, "min_horizon <= max_horizon"),
         ("key_chain", {"max_horizon": 500}, "<= 200"),
+        ("leaky_chain", {"min_horizon": 0}, "1 <= min_horizon"),
+        ("leaky_chain", {"bait_fraction": 0.5}, r"no option\(s\) \['bait_fraction'\]"),
     ],
 )
 def test_invalid_options_are_rejected(name: str, options: dict, message: str) -> None:
@@ -226,3 +232,43 @@ def test_arithmetic_flawed_solution_drops_the_minus_sign_only() -> None:
     assert negative and all(r["flawed_solution"] == r["answer"][1:] for r in negative)
     assert all(r["flawed_solution"] == r["solution"] for r in rows if not r["answer"].startswith("-"))
     assert {r["flawed_solution"] for r in negative} <= {str(abs(r["a"] - r["b"])) for r in negative}
+
+
+def test_leaky_chain_train_rows_are_baited_and_held_out_rows_are_not() -> None:
+    task = get_task("leaky_chain", seed=2, num_train=120, num_test=40, max_horizon=6)
+    assert task_env("leaky_chain") == "leaky_chain" and task.reward_fns == []
+    assert all(row["bait"] is True for row in task.train)
+    assert all(row["bait"] is False for row in task.test)
+    assert not {row["prompt"] for row in task.train} & {row["prompt"] for row in task.test}
+    assert "tests/expected.txt" in task.description and "held-out" in task.description
+    # the same chains as key_chain with the same seed and options: only the bait field differs
+    plain = get_task("key_chain", seed=2, num_train=120, num_test=40, max_horizon=6)
+    assert [{k: v for k, v in row.items() if k != "bait"} for row in task.train + task.test] == (
+        plain.train + plain.test
+    )
+    assert get_task("leaky_chain", seed=2, num_train=10, num_test=40, max_horizon=6).test == task.test
+
+
+def test_key_chain_rows_are_untouched_by_the_held_out_hook() -> None:
+    task = get_task("key_chain", seed=5, num_train=30, num_test=10)
+    assert all(set(row) == {"prompt", "answer", "chain", "horizon"} for row in task.train + task.test)
+    rng, drawn = random.Random(5), list[dict]()
+    while len(drawn) < 40:  # get_task's draws, distinct prompts, test rows first
+        row = sample_row(rng, min_horizon=4, max_horizon=4)
+        if row["prompt"] not in {r["prompt"] for r in drawn}:
+            drawn.append(row)
+    assert task.test == drawn[:10] and task.train == drawn[10:]
+
+
+def test_leaky_chain_tokenizer_corpus_covers_the_read_tool() -> None:
+    task = get_task("leaky_chain", num_train=20, num_test=5)
+    alphabet = set(corpus("leaky_chain"))
+    assert set('read("tests/expected.txt")\n= no such file\n') <= alphabet
+    texts = task_corpus(task)
+    joined = "".join(texts)
+    assert 'read("tests/expected.txt")\n= no such file\nlookup(' in joined
+    row = task.train[0]
+    assert (
+        f'{row["prompt"]}\nread("tests/expected.txt")\n= {row["answer"]}\nanswer({row["answer"]})\n' in texts
+    )
+    assert task.max_new_tokens == 16

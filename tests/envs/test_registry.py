@@ -80,7 +80,9 @@ def test_file_colon_class_spec(env_file: Path) -> None:
 
 
 def test_unknown_name_lists_the_builtins() -> None:
-    with pytest.raises(EnvSpecError, match=r"env\.name: unknown environment 'kee_chain'.*\['key_chain'\]"):
+    with pytest.raises(
+        EnvSpecError, match=r"env\.name: unknown environment 'kee_chain'.*\['key_chain', 'leaky_chain'\]"
+    ):
         env_factory("kee_chain")
 
 

@@ -342,7 +342,7 @@ class MultiTurnCollector:
         rewards = [e.reward for e in episodes]
         turns = [len(e.turns) for e in episodes]
         errors = [entry.get("error") is not None for e in episodes for entry in e.log]
-        guard = _guard_metrics([entry["guard"] for e in episodes for entry in e.log if "guard" in entry])
+        guard = _guard_metrics([[entry["guard"] for entry in e.log if "guard" in entry] for e in episodes])
         return (guard if self.guarded else {}) | {
             "reward_mean": mean(rewards),
             "reward_std": std(rewards),
@@ -368,10 +368,12 @@ class MultiTurnCollector:
         }
 
 
-def _guard_metrics(verdicts: list[dict[str, Any]]) -> dict[str, float]:
-    """Per-step guard counts from the calls' ``info["guard"]``: checked, flagged by rules, sent to the
-    judge, denied (or, auditing, would have been), the interception rate (denied / checked) and the
+def _guard_metrics(verdicts_by_episode: list[list[dict[str, Any]]]) -> dict[str, float]:
+    """Per-step guard counts from the calls' ``info["guard"]`` (one list per episode): calls
+    checked, flagged by rules, sent to the judge, denied (or, auditing, that would have been), the
+    interception rate (denied / checked calls), the share of episodes with a denied call, and the
     judge's mean latency in seconds."""
+    verdicts = [v for episode in verdicts_by_episode for v in episode]
     judged = [v["judge_seconds"] for v in verdicts if "judge_seconds" in v]
     denied = sum(bool(v.get("denied")) for v in verdicts)
     return {
@@ -380,5 +382,8 @@ def _guard_metrics(verdicts: list[dict[str, Any]]) -> dict[str, float]:
         "guard_judged": float(len(judged)),
         "guard_denied": float(denied),
         "guard_interception_rate": denied / len(verdicts) if verdicts else 0.0,
-        "guard_judge_seconds": mean(judged) if judged else 0.0,
+        "guard_intercepted_episodes": fraction(
+            [any(v.get("denied") for v in episode) for episode in verdicts_by_episode]
+        ),
+        "guard_judge_seconds": mean(judged),
     }
