@@ -333,3 +333,19 @@ def test_an_http_judge_decides_suspect_calls(chat_server: Any) -> None:
     chat_server.status = 500  # a failing endpoint fails closed
     steps, total = cheat(env)
     assert total == 0.0 and steps[0].info["guard"]["reason"].startswith("judge failed: JudgeError")
+
+
+def test_a_local_hf_judge_is_loaded_lazily_and_fails_closed_on_gibberish(tiny_model_dir: Any) -> None:
+    """kind: hf, built from the config: the tiny model is not a judge, so its reply is unreadable
+    and the suspect call is denied (a judge that cannot say ALLOW never lets a suspect call through)."""
+    from posttrain.train.config import GuardConfig, JudgeConfig
+
+    guard = GuardConfig(
+        judge=JudgeConfig(kind="hf", model_path=str(tiny_model_dir), max_new_tokens=4)
+    ).build()
+    client = guard.judge.client
+    assert not client.loaded
+    assert not guard.check(call("lookup(3)")).flagged and not client.loaded  # no suspect call, no model
+    verdict = guard.check(call('read("tests/test_x.py")'))
+    assert client.loaded and verdict.judged and verdict.denied
+    assert verdict.reason.startswith("unreadable judge reply")

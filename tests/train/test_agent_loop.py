@@ -96,3 +96,31 @@ def test_a_resumed_ppo_agent_run_matches_an_uninterrupted_one(out_dir):
 
     assert steps(resumed) == steps(full) and len(steps(full)) == 2
     assert resumed.final_eval == full.final_eval
+
+
+def test_a_guarded_run_counts_intercepts_marks_samples_and_reports_the_rate(out_dir, chat_server):
+    """env.guard end to end: a rule marks every lookup suspect, an HTTP judge (a local server)
+    denies them, the policy sees decoys, and metrics, samples and the report say so."""
+    chat_server.content = "DENY: testing the guard"
+    guard = (
+        "env.guard={default_rules: false, rules: [{name: lookups, pattern: '[0-9]', action: suspect, "
+        f"tools: [lookup]}}], judge: {{kind: http, url: '{chat_server.base_url}', model: judge}}}}"
+    )
+    cfg = load_config(
+        CONFIGS / "agent_guard.yaml",
+        # enough warm-start for the policy to write parseable calls
+        [*AGENT, "warmstart.steps=200", guard, f"run.output_dir={out_dir}", "run.name=guarded"],
+    )
+    assert cfg.data.task == "leaky_chain" and cfg.env.guard.judge.kind == "http"
+    result = train(cfg)
+    steps = [row for row in result.history if "reward_mean" in row]
+    assert chat_server.requests, "the judge was never asked"
+    for row in steps:
+        assert row["guard_checked"] >= row["guard_flagged"] == row["guard_judged"] >= row["guard_denied"]
+        assert row["guard_denied"] > 0 and 0 < row["guard_interception_rate"] <= 1
+        assert 0 < row["guard_intercepted_episodes"] <= 1 and row["guard_judge_seconds"] > 0
+    samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    intercepted = [t for s in samples for t in s["turns"] if t.get("guard", {}).get("denied")]
+    assert intercepted and all(t["guard"]["reason"] == "testing the guard" for t in intercepted)
+    assert all(t["tool"] == "lookup" and t["observation"].strip() == "= no such file" for t in intercepted)
+    assert "guard:" in result.table and "tool calls intercepted" in result.table

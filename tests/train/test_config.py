@@ -123,7 +123,10 @@ def test_guard_settings_are_validated_at_load(tmp_path) -> None:
         ("env.guard={penalty: -1}", "env.guard.penalty"),
         ("env.guard={penalty: .inf}", "env.guard.penalty"),
         ("env.guard={enforse: false}", "env.guard.enforse"),
-        ("env.guard={judge: {kind: http, url: 'http://127.0.0.1:9/v1'}}", "env.guard.judge.model is required"),
+        (
+            "env.guard={judge: {kind: http, url: 'http://127.0.0.1:9/v1'}}",
+            "env.guard.judge.model is required",
+        ),
         ("env.guard={judge: {kind: hf, model_path: m, url: u}}", "env.guard.judge.url is not used"),
         ("env.guard={judge: {kind: callable, fn: 'no_such_module_xyz:judge'}}", "no_such_module_xyz"),
         ("env.guard={judge: {kind: callable, fn: 'json:__doc__'}}", "not a callable"),
