@@ -23,6 +23,7 @@ from posttrain.rewards.functions import (
     resolve_reward_specs,
     score_completions,
 )
+from posttrain.rewards.sandbox import python_tests
 
 # ---------------------------------------------------------------- resolve_reward_fn
 
@@ -33,6 +34,7 @@ def test_builtins_are_registered() -> None:
         "countdown": countdown,
         "math_verify": math_verify,
         "format_answer_tag": format_answer_tag,
+        "python_tests": python_tests,
     } == BUILTIN_REWARDS
     for name, fn in BUILTIN_REWARDS.items():
         assert resolve_reward_fn(name) == (name, fn)

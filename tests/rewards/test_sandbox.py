@@ -399,7 +399,10 @@ def test_python_tests_needs_tests_in_the_row(row: dict[str, object]) -> None:
         ("```python\nprint(1)\n```", "print(1)\n"),
         ("```py\nA\n```\ntext\n```\nB\n```", "B\n"),  # the last block is the answer
         ("```text\nnot code\n```\n```python\nprint(2)\n```", "print(2)\n"),
-        ("intro\n```python\nprint(3)", "print(3)"),
+        ("intro\n```python\nprint(3)", "print(3)"),  # cut off by the token limit
+        ("```text\nx\n```\n```python\nprint(4)", "print(4)"),
+        ("```python title\nprint(5)\n```", "print(5)\n"),
+        ("```bash\nls\n```", "```bash\nls\n```"),  # no python block: the whole text
     ],
 )
 def test_extract_python_code(completion: str, code: str) -> None:

@@ -133,3 +133,36 @@ def test_a_reward_function_that_raises_names_itself(out_dir, tmp_path):
     config = _config(out_dir, "bad-reward", f"data.reward_fns=[{{fn: '{rewards}:broken'}}]")
     with pytest.raises(RewardFunctionError, match="broken"):
         train(config)
+
+
+def test_a_code_task_scored_by_hidden_tests_in_the_sandbox(out_dir, tmp_path):
+    """python_tests end to end: completions run with the row's hidden asserts in the sandbox; the
+    warm-started model writes the functions, so some pass (reward > 0) and the trainer carries on."""
+    rows = [
+        {
+            "prompt": f"def f(x): increment (case {k})\n",
+            "solution": "def f(x): return x + 1",
+            "tests": f"assert f({k}) == {k + 1}\nassert f(-{k}) == {1 - k}",
+        }
+        for k in range(1, 10)
+    ]
+    data = tmp_path / "code.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows))
+    config = _config(
+        out_dir,
+        "code-task",
+        f"data.path={data}",
+        "data.max_new_tokens=16",
+        "data.reward_fns=[{fn: python_tests}]",
+        "warmstart.steps=150",
+        "warmstart.lr=0.003",
+        "data.num_train=9",
+        "data.num_test=4",
+        "eval.num_prompts=4",
+        "rollout.prompts_per_step=3",
+        "rollout.group_size=2",
+    )
+    result = train(config)
+    steps = [row for row in result.history if "reward/python_tests" in row]
+    assert len(steps) == 2
+    assert max(row["reward/python_tests"] for row in steps) > 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from posttrain.plugins import load_from_spec
+from posttrain.rewards.sandbox import python_tests
 from posttrain.rewards.verifiers import arithmetic_exact, countdown, format_answer_tag, math_verify
 
 __all__ = [
@@ -36,6 +37,7 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
     "countdown": countdown,
     "math_verify": math_verify,
     "format_answer_tag": format_answer_tag,
+    "python_tests": python_tests,  # runs the completion with the row's hidden tests in the sandbox
 }
 
 # Row keys that are passed positionally and so must not be repeated as keyword arguments.

@@ -2,7 +2,8 @@
 
 ``run_python(code)`` runs ``sys.executable -I -S`` (no site, no user environment) in a fresh
 temporary working directory and returns a ``SandboxResult`` saying how it ended. The isolation is
-layered from the standard library's own process and resource controls, applied in the child:
+layered from the standard library's own process and resource controls (Linux: it relies on
+``waitid``, rlimits and namespaces), applied in the child:
 
 1. **rlimits**: CPU seconds (SIGXCPU), address space (``MemoryError``), file size (files written in
    the working directory are capped like the output), no core dumps. The parent adds the wall
@@ -75,6 +76,9 @@ _STATUS_CAP = 4096  # the status pipe carries two short lines; anything the code
 _POLL_SECONDS = 0.05
 
 
+_INTEGER_MINIMUMS = {"cpu_seconds": 1, "memory_mb": 1, "max_processes": 0, "max_output_bytes": 1}
+
+
 @dataclass(frozen=True)
 class SandboxLimits:
     """Limits for one run. ``cpu_seconds`` is whole seconds (``RLIMIT_CPU`` has no finer grain);
@@ -88,12 +92,7 @@ class SandboxLimits:
     network: bool = False
 
     def __post_init__(self) -> None:
-        for field, minimum in (
-            ("cpu_seconds", 1),
-            ("memory_mb", 1),
-            ("max_processes", 0),
-            ("max_output_bytes", 1),
-        ):
+        for field, minimum in _INTEGER_MINIMUMS.items():
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"SandboxLimits.{field} must be an integer >= {minimum}, got {value!r}")
@@ -131,17 +130,15 @@ class SandboxResult:
 _BOOTSTRAP = r"""
 import os, sys
 
-
 def unshare_then_exec():
     try:
         import ctypes
         entered = ctypes.CDLL(None, use_errno=True).unshare(0x10000000 | 0x40000000) == 0  # USER|NET
-    except (OSError, AttributeError):
+    except Exception:  # no ctypes, no libc symbol: run without the namespaces
         entered = False
     argv = list(sys.orig_argv)
     argv[-1] = "netns" if entered else "plain"
     os.execv(sys.executable, argv)
-
 
 def set_limits(job):
     import resource
@@ -156,7 +153,6 @@ def set_limits(job):
     cap(resource.RLIMIT_AS, job["memory_mb"] << 20, job["memory_mb"] << 20)
     cap(resource.RLIMIT_FSIZE, job["max_output_bytes"], job["max_output_bytes"])
     cap(resource.RLIMIT_CORE, 0, 0)
-
 
 def install_guard(workdir, job):
     realpath, fspath, fsdecode, sep = os.path.realpath, os.fspath, os.fsdecode, os.sep
@@ -230,7 +226,6 @@ def install_guard(workdir, job):
 
     sys.addaudithook(hook)
 
-
 def execute(source, filename, namespace, show_source):
     try:
         exec(compile(source, filename, "exec"), namespace)
@@ -243,7 +238,6 @@ def execute(source, filename, namespace, show_source):
         traceback.print_exception(type(error), error, error.__traceback__.tb_next)
         return False
     return True
-
 
 def main():
     import marshal
@@ -268,7 +262,6 @@ def main():
     if job["tests"] and not execute(job["tests"], "<tests>", module.__dict__, False):
         sys.exit(1)
     os.write(status, ("done " + job["nonce"] + "\n").encode())
-
 
 main()
 """
@@ -360,11 +353,6 @@ def _drain(fd: int, buffer: bytearray) -> None:
             buffer += chunk[: _STATUS_CAP - len(buffer)]
 
 
-def _last_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[-1].strip() if lines else ""
-
-
 def _classify(
     limits: SandboxLimits, stop: str | None, returncode: int, cpu: float, stderr: str, finished: bool
 ) -> tuple[SandboxStatus, str]:
@@ -385,7 +373,7 @@ def _classify(
     denied = _DENIED_PATTERN.findall(stderr)
     if denied:
         return "denied", denied[-1].strip()
-    last = _last_line(stderr)
+    last = stderr.strip().splitlines()[-1].strip() if stderr.strip() else ""
     if last.startswith("MemoryError"):
         return "memory", f"MemoryError under the {limits.memory_mb} MB limit"
     if f"[Errno {errno.EFBIG}]" in last:
@@ -526,19 +514,27 @@ def python_tool(
     return python
 
 
-# The last ```python (or bare ```) block; a block cut off by the token limit has no closing fence.
-_FENCED = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-_OPENED = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*)", re.DOTALL | re.IGNORECASE)
+_PYTHON_FENCES = {"", "python", "python3", "py"}
 
 
 def extract_python_code(completion: str) -> str:
-    """The code in a completion: the last fenced python block (the final answer comes last), else
-    what follows an unclosed fence, else the whole completion."""
-    blocks = _FENCED.findall(completion)
-    if blocks:
-        return str(blocks[-1])
-    opened = _OPENED.search(completion)
-    return opened.group(1) if opened is not None else completion
+    """The code in a completion: the last fenced python (or untagged) block, since the final answer
+    comes last; a block cut off by the token limit counts; with no such block, the whole text."""
+    blocks: list[str] = []
+    current: list[str] | None = None
+    language = ""
+    for line in completion.splitlines(keepends=True):
+        if line.lstrip().startswith("```"):
+            if current is None:  # an opening fence: ```python, ```py, ``` ...
+                language, current = (line.strip()[3:].split() or [""])[0].lower(), []
+            else:
+                blocks += ["".join(current)] if language in _PYTHON_FENCES else []
+                current = None
+        elif current is not None:
+            current.append(line)
+    if current is not None and language in _PYTHON_FENCES:
+        blocks.append("".join(current))
+    return blocks[-1] if blocks else completion
 
 
 def python_tests(prompt: str, completion: str, **row: Any) -> float:
