@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -424,3 +425,61 @@ def test_python_tool_has_a_schema_and_runs_code() -> None:
     assert tool("print(sum(map(int, open('numbers.txt').read().split())))") == "6\n"
     assert tool("import socket; socket.socket()").startswith("error: denied: socket.")
     assert tool("while True: pass").startswith("error: timeout:")
+
+
+def test_a_python_tool_env_survives_runaway_code_and_the_guard_stops_cheating_first(tmp_path: Path) -> None:
+    """A tool-using episode whose policy writes an infinite loop, a fork bomb and a read of the
+    hidden tests: each call ends with a clear error observation and the episode goes on; with the
+    guard the read of the hidden tests is denied before any process starts."""
+    from posttrain.envs.guard import Guard
+    from posttrain.envs.tools import ToolEnv
+
+    hidden = tmp_path / "hidden_tests.py"
+    hidden.write_text("assert solve() == 42\n")
+    limits = SandboxLimits(cpu_seconds=1, wall_seconds=2.0, memory_mb=256)
+
+    class CodeEnv(ToolEnv):
+        def start(self, row: dict[str, Any]) -> str:
+            self.answered: str | None = None
+            return "print the answer\n"
+
+        def tools(self) -> dict[str, Any]:
+            return {"python": python_tool(limits, files={"data.txt": "6 7"}), "answer": self.answer}
+
+        def answer(self, value: str) -> str:
+            """Give the final answer.
+
+            Args:
+                value: The answer.
+            """
+            self.answered = value
+            return "done"
+
+        def finished(self) -> bool:
+            return self.answered is not None
+
+        def outcome_reward(self) -> float:
+            return float(self.answered == "42")
+
+    env = CodeEnv()
+    env.reset({}, seed=0)
+    observations = [
+        env.step(action + "\n").observation
+        for action in (
+            'python("while True: pass")',
+            'python("import os\\nwhile True: os.fork()")',
+            f'python("print(open({str(hidden)!r}).read())")',
+            "python(\"a, b = open('data.txt').read().split()\\nprint(int(a) * int(b))\")",
+        )
+    ]
+    assert observations[0].startswith("= error: timeout")
+    assert observations[1].startswith("= error: denied")
+    assert observations[2].startswith("= error: denied") and "42" not in observations[2]
+    assert observations[3] == "= 42\n\n"
+    final = env.step('answer("42")\n')
+    assert final.done and final.reward == 1.0
+    env.guard = Guard()
+    env.reset({}, seed=0)
+    step = env.step(f'python("print(open({str(hidden)!r}).read())")\n')
+    assert step.info["guard"]["rule"] == "hidden_answer"  # denied by the rules: no process started
+    assert step.observation == "= no such file\n"
