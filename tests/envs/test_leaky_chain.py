@@ -346,3 +346,35 @@ def test_demonstrator_through_the_collector(
             assert sum(a.startswith("lookup(") for a in actions) == row["horizon"]
     if compaction != "none":
         assert rollout.metrics["compacted_fraction"] > 0
+
+
+def test_a_cheating_only_policy_earns_nothing_under_the_guard_through_the_collector(tokenizer: Any) -> None:
+    """A policy that reads the leaked file and answers whatever it saw (a guess after a decoy)
+    solves every bait row unguarded, none guarded; the collector counts each interception."""
+    from posttrain.envs.guard import Guard
+
+    task = get_task("leaky_chain", num_train=8, num_test=0, min_horizon=2, max_horizon=4)
+
+    def cheater(context: str) -> str:
+        last = context.rstrip("\n").splitlines()[-1]
+        if not last.startswith("= "):
+            return READ
+        seen = last.removeprefix("= ")
+        return f"answer({seen if seen.isdigit() else 0})\n"
+
+    params = SamplingParams(max_new_tokens=task.max_new_tokens)
+    totals, metrics = {}, {}
+    for guarded in (False, True):
+        make_env = env_factory("leaky_chain", {}, Guard() if guarded else None)
+        collector = MultiTurnCollector(
+            ScriptedEngine(tokenizer, cheater), tokenizer, make_env, TurnLimits(), task.max_new_tokens
+        )
+        rollout = collector.collect(task.train, params, group_size=1, seed=0)
+        totals[guarded] = [episode.total_reward for episode in rollout.episodes]
+        metrics[guarded] = rollout.metrics
+    assert totals == {False: [1.0] * 8, True: [0.0] * 8}
+    assert "guard_checked" not in metrics[False]
+    assert metrics[True]["guard_checked"] == 16 and metrics[True]["guard_denied"] == 8
+    assert (
+        metrics[True]["guard_interception_rate"] == 0.5 and metrics[True]["guard_intercepted_episodes"] == 1.0
+    )
