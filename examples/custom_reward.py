@@ -4,7 +4,6 @@ python examples/custom_reward.py
 """
 
 from posttrain import TrainConfig, train
-from posttrain.train.config import load_config
 
 
 def short_and_correct(prompt: str, completion: str, **row) -> float:
@@ -15,14 +14,12 @@ def short_and_correct(prompt: str, completion: str, **row) -> float:
 
 
 if __name__ == "__main__":
-    config: TrainConfig = load_config(
-        None,
-        [
-            "run.name=custom-reward",
-            "algorithm=grpo",
-            "optim.steps=10",
-            f"data.reward_fns=[{{fn: '{__file__}:short_and_correct'}}]",
-        ],
+    config = TrainConfig(
+        algorithm="grpo",
+        run={"name": "custom-reward"},
+        optim={"steps": 10},
+        # the function itself; a YAML config names it as 'examples/custom_reward.py:short_and_correct'
+        data={"reward_fns": [{"fn": short_and_correct}]},
     )
     result = train(config)
     print(result.table)

@@ -33,3 +33,5 @@ def test_custom_reward_example_trains_with_the_readme_api(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "before RL" in done.stdout and "after RL" in done.stdout
     assert (tmp_path / "runs" / "custom-reward" / "metrics.jsonl").is_file()
+    saved = (tmp_path / "runs" / "custom-reward" / "config.yaml").read_text()
+    assert f"fn: {script}:short_and_correct" in saved  # the callable, named so the run can resume

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.plugins import load_from_spec
+from posttrain.plugins import load_from_spec, spec_of
 
 HINT = "give 'package.module:name' or 'path/to/file.py:name'"
 
@@ -136,3 +136,24 @@ def test_an_import_time_exception_in_a_module_is_wrapped(on_path: Path) -> None:
     ) as caught:
         load("plugin_module_broken:f")
     assert isinstance(caught.value.__cause__, ZeroDivisionError)
+
+
+def test_spec_of_names_a_callable_so_load_from_spec_finds_it_again(tmp_path: Path) -> None:
+    import json
+
+    assert spec_of(json.dumps) == "json:dumps"
+    assert load_from_spec(spec_of(json.dumps), kind="thing", error=ValueError, hint=HINT)[1] is json.dumps
+    module = tmp_path / "user_rewards.py"
+    module.write_text(PLUGIN)
+    _, alpha = load_from_spec(f"{module}:alpha", kind="thing", error=ValueError, hint=HINT)
+    assert spec_of(alpha) == f"{module}:alpha"  # a function loaded from a file is named by the file
+    assert load_from_spec(spec_of(alpha), kind="thing", error=ValueError, hint=HINT)[1] is alpha
+
+    def nested(x: int) -> int:
+        return x
+
+    for unnamed in (nested, lambda x: x):
+        spec = spec_of(unnamed)
+        assert spec.startswith("<unsaved callable")
+        with pytest.raises(ValueError, match="lambda or nested function.*define it at module level"):
+            load_from_spec(spec, kind="reward function", error=ValueError, hint=HINT)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,11 @@ def load_from_spec(spec: str, *, kind: str, error: type[Exception], hint: str) -
     ``kind`` names what is loaded in messages ("reward function", "environment"); ``hint`` says
     what a valid spec looks like.
     """
+    if spec.startswith(UNSAVED):
+        raise error(
+            f"{kind} {spec!r} was a Python lambda or nested function, which a saved config cannot name; "
+            "define it at module level (or in a file, 'path/to/file.py:name') to resume or evaluate this run"
+        )
     module_part, _, attribute = spec.strip().rpartition(":")
     if not module_part or not attribute:
         raise error(f"{kind} {spec!r} is malformed: {hint}")
@@ -84,3 +90,21 @@ def load_from_spec(spec: str, *, kind: str, error: type[Exception], hint: str) -
             f"callables defined there: {available}"
         )
     return attribute, getattr(module, attribute)
+
+
+UNSAVED = "<unsaved callable"
+
+
+def spec_of(obj: Any) -> str:
+    """The spec that names ``obj`` for ``load_from_spec``: ``"module:qualname"``, or
+    ``"path/to/file.py:name"`` for a function of a script run as ``__main__``. A lambda or a nested
+    function has no importable name: ``"<unsaved callable NAME>"``, which ``load_from_spec``
+    refuses with a message saying so."""
+    qualname = getattr(obj, "__qualname__", type(obj).__qualname__)
+    module = getattr(obj, "__module__", None)
+    if "<" in qualname or module is None:
+        return f"{UNSAVED} {qualname}>"
+    if module == "__main__" or module.startswith("_posttrain_user_"):
+        source = inspect.getsourcefile(obj)
+        return f"{source}:{qualname}" if source and Path(source).is_file() else f"{UNSAVED} {qualname}>"
+    return f"{module}:{qualname}"
