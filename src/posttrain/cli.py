@@ -1,30 +1,164 @@
-"""Command line: ``posttrain train``, ``posttrain eval``, ``posttrain classic``."""
+"""Command line: ``posttrain train``, ``posttrain eval``, ``posttrain classic``.
+
+Errors that come from what the user gave (a config key, a data file, a reward function, a model
+folder, a checkpoint) print as ``error: <message>`` on at most two lines and exit with code 2;
+``--debug`` (or ``POSTTRAIN_DEBUG=1``) prints the traceback as well. Any other exception is a bug
+and shows its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import linecache
+import os
 import sys
+import textwrap
+import traceback
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
+
+DEBUG_ENV = "POSTTRAIN_DEBUG"
+USER_ERROR_EXIT = 2
+
+# Errors posttrain raises on purpose, as "module:Class". Checked through sys.modules: a class whose
+# module was never imported cannot have been raised, and reporting an error must not import torch.
+USER_ERRORS = (
+    "posttrain.train.config:ConfigError",
+    "posttrain.models.load:ModelLoadError",
+    "posttrain.rewards.functions:RewardSpecError",
+    "posttrain.rewards.functions:RewardFunctionError",
+    "posttrain.envs.registry:EnvSpecError",
+    "posttrain.rollout.multi_turn:EnvError",
+    "posttrain.cli:UsageError",
+)
+# Modules whose plain ValueError / FileNotFoundError check what the user gave (data rows, files,
+# settings, checkpoints). The same classes raised anywhere else (torch, a bug of ours) are not caught.
+INPUT_CHECKING_MODULES = (
+    "posttrain.data",
+    "posttrain.rewards",
+    "posttrain.envs",
+    "posttrain.plugins",
+    "posttrain.models.load",
+    "posttrain.rollout.multi_turn",
+    "posttrain.train.config",
+    "posttrain.train.setup",
+    "posttrain.train.checkpoint",
+    "posttrain.train.loop",
+    "posttrain.classic",
+)
+
+
+class UsageError(ValueError):
+    """A command line that cannot run as given; the message says what to add."""
+
+
+# ------------------------------------------------------------------------------ user errors
+
+
+def user_error_classes() -> tuple[type[BaseException], ...]:
+    """The classes of ``USER_ERRORS`` whose modules are imported."""
+    classes = []
+    for spec in USER_ERRORS:
+        module_name, name = spec.split(":")
+        module = sys.modules.get(module_name)
+        if module is not None:
+            classes.append(getattr(module, name))
+    return tuple(classes)
+
+
+def _in_module(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def raised_on_purpose(error: BaseException) -> bool:
+    """True when a ``raise`` statement in one of ``INPUT_CHECKING_MODULES`` raised ``error``
+    (not, say, ``int("x")`` failing inside one of them)."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+    return _in_module(module, INPUT_CHECKING_MODULES) and line.lstrip().startswith("raise")
+
+
+def is_user_error(error: BaseException) -> bool:
+    """An error about the user's input, to report in a line or two, not a bug."""
+    if isinstance(error, user_error_classes()):
+        return True
+    return isinstance(error, ValueError | FileNotFoundError) and raised_on_purpose(error)
+
+
+def format_error(error: BaseException, width: int = 100) -> str:
+    """``error: <message>`` on at most two lines: the message's own lines are joined (a config's
+    "invalid config:" list becomes "invalid config: a: ...; b: ..."), then a long message is split
+    once, at a clause boundary if one is near the width, so nothing is lost."""
+    parts = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    text = parts[0]
+    for part in parts[1:]:
+        text += (" " if text.endswith(":") else "; ") + part
+    text = "error: " + text
+    if len(text) <= width:
+        return text
+    cut = _break_point(text, width)
+    return text[:cut].rstrip() + "\n  " + text[cut:].lstrip()
+
+
+def _break_point(text: str, width: int) -> int:
+    """Where to split ``text``: after the last "; ", ": " or ". " in the second half of ``width``,
+    else at the last space before it, else at ``width``."""
+    head = text[:width]
+    clause = max(head.rfind(sep) for sep in ("; ", ": ", ". "))
+    if clause >= width // 2:
+        return clause + 2
+    space = head.rfind(" ")
+    return space + 1 if space > 0 else width
+
+
+def debug_requested(args: argparse.Namespace) -> bool:
+    return bool(args.debug) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+# ------------------------------------------------------------------------------ --print-config
+
+
+def commented_yaml(section: BaseModel, indent: int = 0) -> str:
+    """``section`` as YAML that ``load_config`` reads back, with each key's description (its
+    Field description, else its section's docstring) as ``#`` comment lines above the key."""
+    pad = " " * indent
+    dumped = section.model_dump()
+    lines: list[str] = []
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        note = field.description or (value.__doc__ if isinstance(value, BaseModel) else None)
+        if note:
+            lines += [pad + "# " + line for line in textwrap.wrap(" ".join(note.split()), 100 - indent)]
+        if isinstance(value, BaseModel) and type(value).model_fields:
+            lines.append(f"{pad}{name}:")
+            lines.append(commented_yaml(value, indent + 2))
+        else:
+            block = yaml.safe_dump({name: dumped[name]}, sort_keys=False, width=float("inf"))
+            lines += [pad + line for line in block.splitlines()]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ commands
 
 
 def _train(args: argparse.Namespace) -> int:
-    from posttrain.train.config import ConfigError, load_config
+    from posttrain.train.config import load_config
+
+    # the trainer imports in seconds: a bad config is reported before that
+    config = None if args.resume else load_config(args.config, args.set)
+    if config is not None and args.print_config:
+        print(commented_yaml(config))
+        return 0
     from posttrain.train.loop import resume_run, train
 
-    try:
-        if args.resume:
-            result = resume_run(args.resume, args.set)
-        else:
-            config = load_config(args.config, args.set)
-            if args.print_config:
-                print(yaml.safe_dump(config.model_dump(), sort_keys=False))
-                return 0
-            result = train(config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    result = resume_run(args.resume, args.set) if config is None else train(config)
     print(result.table)
     print(f"curves:     {result.plot_path}")
     print(f"checkpoint: {result.checkpoint}")
@@ -32,24 +166,32 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sets_data(overrides: list[str]) -> bool:
+    """True when a ``--set`` names the data to use (``data.task=...``, ``data.path=...``, ``data={...}``)."""
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    return any(key == "data" or key.startswith("data.") for key in keys)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from posttrain.models.load import load_policy
     from posttrain.rollout.hf import HFRolloutEngine
     from posttrain.train.checkpoint import resolve_policy_dir
-    from posttrain.train.config import ConfigError, load_config
+    from posttrain.train.config import load_config
     from posttrain.train.evaluate import evaluate
     from posttrain.train.logging import CONFIG_FILE
     from posttrain.train.setup import build_collector, build_task
     from posttrain.train.step import sampling_params
 
-    try:
-        model_dir, run_dir = resolve_policy_dir(args.model)
-        run_config = run_dir / CONFIG_FILE if run_dir and (run_dir / CONFIG_FILE).is_file() else None
-        # a run's own checkpoint is evaluated on that run's task and split unless --config says otherwise
-        config = load_config(args.config or run_config, args.set)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model_dir, run_dir = resolve_policy_dir(args.model)
+    run_config = run_dir / CONFIG_FILE if run_dir and (run_dir / CONFIG_FILE).is_file() else None
+    if run_config is None and args.config is None and not _sets_data(args.set):
+        # the config's default task would be scored silently: a result about the wrong data
+        raise UsageError(
+            f"eval --model {args.model}: this folder has no run config; say what to evaluate on with "
+            "--config FILE or --set data.task=NAME / --set data.path=FILE"
+        )
+    # a run's own checkpoint is evaluated on that run's task and split unless --config says otherwise
+    config = load_config(args.config or run_config, args.set)
     task = build_task(config)
     print(
         f"model: {model_dir}"
@@ -68,7 +210,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="posttrain", description=__doc__)
+    parser = argparse.ArgumentParser(prog="posttrain", description="RL post-training of causal LMs.")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"print the full traceback of an error, not just its message (or set {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="RL-train a causal LM (no arguments: the embedded demo)")
@@ -87,15 +234,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue runs/<name> from its last checkpoint",
     )
-    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config, each key with its description, and exit",
+    )
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a task split")
     ev.add_argument(
         "--model", required=True, help="a run folder, one of its checkpoints, or any local HF model folder"
     )
-    ev.add_argument("--config", type=Path, default=None)
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument(
+        "--config", type=Path, default=None, help="what to evaluate on (default: the run's own config)"
+    )
+    ev.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set data.task=countdown or --set data.path=rows.jsonl",
+    )
     ev.add_argument("--split", choices=["test", "train"], default="test")
     ev.add_argument("--num-prompts", type=int, default=200)
     ev.add_argument("--temperature", type=float, default=0.0)
@@ -112,12 +271,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; a user error becomes ``error: ...`` on stderr and exit code 2."""
+    try:
+        return int(args.func(args))
+    except Exception as error:
+        if not is_user_error(error):
+            raise  # a bug: its traceback is the report
+        if debug_requested(args):
+            traceback.print_exc()
+        print(format_error(error), file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return int(args.func(args))
+    return run_command(args)
 
 
 if __name__ == "__main__":

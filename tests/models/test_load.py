@@ -1,3 +1,5 @@
+import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -7,7 +9,16 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.models.forward import token_logprobs
-from posttrain.models.load import LoraSettings, ReferencePolicy, ensure_pad_token, load_policy, save_policy
+from posttrain.models.load import (
+    LoraSettings,
+    ModelLoadError,
+    ReferencePolicy,
+    check_model_folder,
+    ensure_pad_token,
+    load_policy,
+    save_policy,
+)
+from posttrain.train.config import ConfigError, load_config
 
 IDS = torch.tensor([[5, 9, 12, 7, 20, 3], [8, 6, 11, 2, 0, 0]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
@@ -115,3 +126,73 @@ def test_full_policy_save_round_trip(tiny_model_dir: Path, tmp_path: Path) -> No
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     for (name, expected), (_, got) in zip(policy.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(got, expected), name
+
+
+# ------------------------------------------------------------------------------ checks before transformers
+
+
+def _copy_without(source: Path, target: Path, *prefixes: str) -> Path:
+    """``source`` copied to ``target`` without the files whose names start with ``prefixes``."""
+    target.mkdir()
+    for file in source.iterdir():
+        if not file.name.startswith(prefixes):
+            shutil.copy(file, target / file.name)
+    return target
+
+
+def test_a_missing_folder_fails_at_once_without_the_hub(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match=r"model folder .*nothing_here.* does not exist"):
+        load_policy(tmp_path / "nothing_here")
+    with pytest.raises(ModelLoadError, match=r"Hub model 'org/model', set model\.hub: true"):
+        load_policy("org/model")
+    assert time.perf_counter() - start < 1.0  # no Hub requests, no retries
+
+
+def test_a_folder_without_a_tokenizer_says_how_to_save_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = _copy_without(tiny_model_dir, tmp_path / "weights_only", "tokenizer", "special_tokens")
+    with pytest.raises(ModelLoadError) as caught:
+        load_policy(folder)
+    message = str(caught.value)
+    assert "has no tokenizer files (tokenizer.json / tokenizer_config.json" in message
+    assert f"tokenizer.save_pretrained({str(folder)!r})" in message and "sentencepiece" not in message
+    # a critic or a reference needs no tokenizer
+    assert check_model_folder(folder, tokenizer=False)
+    policy, _ = load_policy(tiny_model_dir)
+    assert ReferencePolicy.create(folder, policy).model is not policy
+
+
+def test_a_folder_without_config_or_weights_says_which(tiny_model_dir: Path, tmp_path: Path) -> None:
+    no_config = _copy_without(tiny_model_dir, tmp_path / "no_config", "config.json")
+    with pytest.raises(ModelLoadError, match=r"has no config\.json .*model\.save_pretrained"):
+        load_policy(no_config)
+    no_weights = _copy_without(tiny_model_dir, tmp_path / "no_weights", "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"has a config\.json but no weights"):
+        load_policy(no_weights)
+    with pytest.raises(ModelLoadError, match="is a file, not a model folder"):
+        load_policy(tiny_model_dir / "config.json")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        ReferencePolicy.create(tmp_path / "gone", load_policy(tiny_model_dir)[0])
+
+
+def test_hub_names_only_when_asked(tiny_model_dir: Path) -> None:
+    # a local folder loads the same with hub=True; a Hub name is tried (offline in tests: an error
+    # that says so, from transformers' OSError)
+    model, tokenizer = load_policy(tiny_model_dir, hub=True)
+    assert tokenizer.pad_token is not None and sum(p.numel() for p in model.parameters()) > 0
+    assert check_model_folder("org/model", hub=True) is False
+    with pytest.raises(ModelLoadError, match="could not load 'org/model' from the Hugging Face Hub"):
+        load_policy("org/model", hub=True)
+
+
+def test_model_paths_are_checked_at_config_load(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model\.path: .*Hub model 'org/model', set model\.hub: true"):
+        load_config(None, ["model.path=org/model"])
+    assert load_config(None, ["model.path=org/model", "model.hub=true"]).model.path == "org/model"
+    critic = _copy_without(tiny_model_dir, tmp_path / "critic", "tokenizer", "special_tokens")
+    with pytest.raises(ConfigError, match=r"model\.path: .*has no tokenizer files"):
+        load_config(None, [f"model.path={critic}"])
+    config = load_config(None, [f"model.path={tiny_model_dir}", f"model.critic_path={critic}"])
+    assert config.model.critic_path == str(critic)  # a critic folder needs no tokenizer
+    with pytest.raises(ConfigError, match=r"model\.critic_path: model folder .*gone.* does not exist"):
+        load_config(None, [f"model.critic_path={tmp_path / 'gone'}"])

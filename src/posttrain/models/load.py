@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,67 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from posttrain.models.forward import token_logprobs
+
+# what save_pretrained writes: any one of these names a folder's tokenizer / weights
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.index.json")
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded; the message names the path and the fix."""
+
+
+def _missing_folder_message(path: str) -> str:
+    """The error for a path that is not on disk, with a Hub hint when it looks like ``org/name``."""
+    message = f"model folder {path!r} does not exist (relative paths are resolved from {str(Path.cwd())!r})"
+    if _HUB_NAME.fullmatch(path) and not Path(path.split("/")[0]).exists():
+        return message + f"; to download the Hugging Face Hub model {path!r}, set model.hub: true"
+    return message + "; point it at a folder written by save_pretrained"
+
+
+def check_model_folder(path: str | Path, *, hub: bool = False, tokenizer: bool = True) -> bool:
+    """Check that ``path`` is a loadable model folder before transformers sees it.
+
+    transformers treats any path that is not a folder as a Hub name (network retries, then an error
+    about the Hub), and a folder without tokenizer files as a request for a slow tokenizer ("install
+    sentencepiece"); these checks say what is missing instead. With ``hub``, a path that is not on
+    disk is left to ``from_pretrained`` to download. Returns True for a local folder, False for a
+    Hub name; raises ``ModelLoadError``.
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        if hub:
+            return False
+        raise ModelLoadError(_missing_folder_message(str(path)))
+    if not folder.is_dir():
+        raise ModelLoadError(f"{str(path)!r} is a file, not a model folder; point to the folder holding it")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"model folder {str(path)!r} has no config.json (not a saved Hugging Face model); "
+            f"save one with model.save_pretrained({str(path)!r})"
+        )
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ModelLoadError(
+            f"model folder {str(path)!r} has a config.json but no weights (model.safetensors / "
+            f"pytorch_model.bin); save them with model.save_pretrained({str(path)!r})"
+        )
+    if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"model folder {str(path)!r} has no tokenizer files (tokenizer.json / tokenizer_config.json "
+            f"/ tokenizer.model); save one next to the weights with tokenizer.save_pretrained({str(path)!r})"
+        )
+    return True
+
+
+def _from_pretrained(auto_class: Any, path: str | Path, *, local: bool, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained`` offline unless ``local`` is False (a Hub name the user allowed);
+    transformers' OSError (no such Hub model, no network, unreadable files) becomes a ModelLoadError."""
+    try:
+        return auto_class.from_pretrained(path, local_files_only=local, **kwargs)
+    except OSError as error:
+        where = "from the Hugging Face Hub" if not local else "from the local folder"
+        raise ModelLoadError(f"could not load {str(path)!r} {where}: {error}") from error
 
 
 @dataclass
@@ -62,15 +124,22 @@ def ensure_pad_token(tokenizer: Any) -> Any:
 
 
 def load_policy(
-    path: str | Path, *, lora: LoraSettings | None = None, dtype: torch.dtype = torch.float32
+    path: str | Path,
+    *,
+    lora: LoraSettings | None = None,
+    dtype: torch.dtype = torch.float32,
+    hub: bool = False,
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer from a local folder; wrap with LoRA adapters if asked.
 
-    With ``lora`` only the adapter weights are trainable. The tokenizer gets a pad token
-    (``ensure_pad_token``) and the model's generation config is told about it.
+    Offline: nothing is asked of a model hub unless ``hub`` is True, in which case ``path`` may be a
+    Hub name (downloaded unless cached). A missing folder, config, weights or tokenizer raises
+    ``ModelLoadError`` at once. With ``lora`` only the adapter weights are trainable. The tokenizer
+    gets a pad token (``ensure_pad_token``) and the model's generation config is told about it.
     """
-    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(path))
-    base: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    local = check_model_folder(path, hub=hub)
+    tokenizer = ensure_pad_token(_from_pretrained(AutoTokenizer, path, local=local))
+    base: PreTrainedModel = _from_pretrained(AutoModelForCausalLM, path, local=local, dtype=dtype)
     if base.generation_config.pad_token_id is None:
         base.generation_config.pad_token_id = tokenizer.pad_token_id
     model: nn.Module = base
@@ -98,11 +167,14 @@ class ReferencePolicy:
         self.shares_policy = shares_policy
 
     @classmethod
-    def create(cls, path: str | Path, policy_model: nn.Module) -> ReferencePolicy:
+    def create(cls, path: str | Path, policy_model: nn.Module, *, hub: bool = False) -> ReferencePolicy:
+        """The reference for ``policy_model``, whose starting weights are at ``path`` (a Hub name only
+        with ``hub``, as in ``load_policy``)."""
         if is_peft_model(policy_model):
             return cls(policy_model, shares_policy=True)
         dtype = next(policy_model.parameters()).dtype
-        reference: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        local = check_model_folder(path, hub=hub, tokenizer=False)
+        reference: PreTrainedModel = _from_pretrained(AutoModelForCausalLM, path, local=local, dtype=dtype)
         reference.eval()
         reference.requires_grad_(False)
         return cls(reference, shares_policy=False)
