@@ -24,6 +24,8 @@ from posttrain.train.checkpoint import (
     CRITIC_SUBDIR,
     LATEST_FILE,
     POLICY_SUBDIR,
+    TRAINER_FILE,
+    CheckpointError,
     checkpoint_name,
     latest_checkpoint,
     load_extra_tensors,
@@ -267,3 +269,42 @@ def test_resolve_policy_dir_rejects_a_run_without_a_complete_checkpoint(tmp_path
         resolve_policy_dir(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         resolve_policy_dir(tmp_path)
+
+
+class _RunsCode:
+    """Unpickling this calls ``Path.touch`` on a marker file: stands for any code a crafted file runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_trainer_file_does_not_execute(tmp_path: Path, tokenizer) -> None:
+    model = tiny_llama()
+    optimizer, scheduler = make_optim(model)
+    ckpt = save(tmp_path / "run", 1, model, tokenizer, optimizer, scheduler)
+    marker = tmp_path / "pwned"
+    payload = torch.load(ckpt / TRAINER_FILE, weights_only=True)  # what posttrain writes loads safely
+    payload["trainer_state"]["evil"] = _RunsCode(marker)
+    torch.save(payload, ckpt / TRAINER_FILE)
+    with pytest.raises(CheckpointError, match="holds objects other than tensors"):
+        load_trainer_state(ckpt, optimizers={"policy": optimizer}, schedulers={"policy": scheduler})
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "not_a_dict"])
+def test_a_damaged_trainer_file_is_named(tmp_path: Path, tokenizer, damage: str) -> None:
+    model = tiny_llama()
+    optimizer, scheduler = make_optim(model)
+    ckpt = save(tmp_path / "run", 1, model, tokenizer, optimizer, scheduler)
+    path = ckpt / TRAINER_FILE
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00not a checkpoint")
+    else:
+        torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match=str(path).replace("\\", "\\\\")):
+        load_trainer_state(ckpt, optimizers={"policy": optimizer}, schedulers={"policy": scheduler})

@@ -6,7 +6,9 @@ Layout of one checkpoint, ``run_dir/checkpoints/step_000042/``::
                    loadable by ``transformers`` alone
     critic/        the critic (PPO only), via its own ``save_pretrained``
     trainer.pt     optimizer and scheduler state dicts, the trainer state (step, data position,
-                   KL controller, ...) and the RNG states (python, numpy, torch CPU, torch CUDA)
+                   KL controller, ...) and the RNG states (python, numpy, torch CPU, torch CUDA);
+                   tensors, numbers, strings and containers only, so it loads with
+                   ``torch.load(weights_only=True)``: a crafted file cannot run code
     extra/<name>.safetensors   optional named tensor dicts (e.g. the exact LoRA trainable params)
     COMPLETE       written last; a directory without it is never used
 
@@ -20,6 +22,7 @@ checkpoint. ``checkpoints/latest`` names the newest checkpoint and is replaced a
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import secrets
@@ -80,10 +83,16 @@ def is_complete(ckpt_dir: Path) -> bool:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Snapshot of every global RNG a training step draws from (python, numpy, torch CPU/CUDA)."""
+    """Snapshot of every global RNG a training step draws from (python, numpy, torch CPU/CUDA).
+    Tensors and plain Python values only (numpy's key array as a tensor), so it needs no pickle."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {
+        **numpy_state["state"],
+        "key": torch.from_numpy(numpy_state["state"]["key"].copy()),
+    }
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(legacy=False),
+        "numpy": numpy_state,
         "torch_cpu": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -93,8 +102,12 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state`; CUDA states are restored only when CUDA is usable."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python_state = state["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    numpy_state = dict(state["numpy"])
+    key = numpy_state["state"]["key"]
+    numpy_state["state"] = {**numpy_state["state"], "key": key.numpy() if torch.is_tensor(key) else key}
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch_cpu"])
     cuda_states = state.get("torch_cuda")
     if cuda_states is not None and torch.cuda.is_available():
@@ -359,11 +372,12 @@ def load_trainer_state(
 ) -> dict[str, Any]:
     """Load optimizer and scheduler states in place, restore the RNGs, return the trainer state.
 
-    The names in ``optimizers``/``schedulers`` must equal those saved. ``trainer.pt`` is unpickled
-    in full (it holds arbitrary trainer state), so only load checkpoints you wrote yourself.
+    The names in ``optimizers``/``schedulers`` must equal those saved. ``trainer.pt`` is read with
+    ``weights_only=True``: anything but tensors, numbers, strings and containers (e.g. a crafted
+    pickle that would run code) is refused with a ``CheckpointError``.
     """
     ckpt_dir = _require_complete(ckpt_dir)
-    payload = torch.load(ckpt_dir / TRAINER_FILE, map_location="cpu", weights_only=False)
+    payload = read_trainer_file(ckpt_dir / TRAINER_FILE)
     _check_names("optimizers", payload["optimizers"], optimizers)
     _check_names("schedulers", payload["schedulers"], schedulers)
     for name, optimizer in optimizers.items():
@@ -373,6 +387,26 @@ def load_trainer_state(
     if restore_rng:
         restore_rng_state(payload["rng"])
     return dict(payload["trainer_state"])
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: damaged, truncated, or not what posttrain writes."""
+
+
+def read_trainer_file(path: Path) -> dict[str, Any]:
+    """``trainer.pt`` as a dict, loaded without executing any pickled code."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain values, so it was not loaded "
+            f"(a damaged or crafted file; posttrain never writes such objects): {str(error).splitlines()[0]}"
+        ) from error
+    except (EOFError, RuntimeError, OSError) as error:
+        raise CheckpointError(f"{path} is damaged or truncated: {type(error).__name__}: {error}") from error
+    if not isinstance(payload, dict) or "trainer_state" not in payload:
+        raise CheckpointError(f"{path} is not a posttrain trainer file (no trainer_state)")
+    return payload
 
 
 def load_extra_tensors(
