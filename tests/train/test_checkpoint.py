@@ -27,11 +27,13 @@ from posttrain.train.checkpoint import (
     TRAINER_FILE,
     CheckpointError,
     checkpoint_name,
+    checkpoint_problems,
     latest_checkpoint,
     load_extra_tensors,
     load_trainer_state,
     resolve_policy_dir,
     save_checkpoint,
+    usable_checkpoint,
 )
 
 WORDS = ["[PAD]", "[UNK]", "[EOS]"] + [str(i) for i in range(10)] + ["+", "-", "=", "?"]
@@ -308,3 +310,41 @@ def test_a_damaged_trainer_file_is_named(tmp_path: Path, tokenizer, damage: str)
         torch.save([1, 2, 3], path)
     with pytest.raises(CheckpointError, match=str(path).replace("\\", "\\\\")):
         load_trainer_state(ckpt, optimizers={"policy": optimizer}, schedulers={"policy": scheduler})
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ("truncate_weights", "model.safetensors"),
+        ("delete_weights", "no weights"),
+        ("delete_tokenizer", "no tokenizer"),
+        ("truncate_trainer", "trainer.pt is damaged"),
+        ("corrupt_config", "config.json"),
+    ],
+)
+def test_a_damaged_newest_checkpoint_is_named_and_skipped(tmp_path: Path, tokenizer, damage, named) -> None:
+    model = tiny_llama()
+    optimizer, scheduler = make_optim(model)
+    run = tmp_path / "run"
+    older = save(run, 1, model, tokenizer, optimizer, scheduler)
+    newest = save(run, 2, model, tokenizer, optimizer, scheduler)
+    assert checkpoint_problems(newest) == [] and usable_checkpoint(run) == (newest, [])
+    policy = newest / POLICY_SUBDIR
+    if damage == "truncate_weights":
+        data = (policy / "model.safetensors").read_bytes()
+        (policy / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "delete_weights":
+        (policy / "model.safetensors").unlink()
+    elif damage == "delete_tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (policy / name).unlink(missing_ok=True)
+    elif damage == "truncate_trainer":
+        (newest / TRAINER_FILE).write_bytes((newest / TRAINER_FILE).read_bytes()[:64])
+    else:
+        (policy / "config.json").write_text("{not json")
+    found, skipped = usable_checkpoint(run)
+    assert found == older
+    [(path, problems)] = skipped
+    assert path == newest and any(named in problem for problem in problems), problems
+    (older / TRAINER_FILE).unlink()
+    assert usable_checkpoint(run)[0] is None  # nothing usable left: the caller stops clearly

@@ -21,6 +21,7 @@ checkpoint. ``checkpoints/latest`` names the newest checkpoint and is replaced a
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -33,6 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.optim import Optimizer
 
@@ -310,6 +312,64 @@ def save_checkpoint(
 
 # ----------------------------------------------------------------------------------------------
 # Load
+
+
+def checkpoint_problems(ckpt_dir: Path) -> list[str]:
+    """What makes a complete-looking checkpoint unusable (empty when it is sound): a missing or
+    unreadable policy config, weights or tokenizer, a truncated safetensors file, a damaged
+    ``trainer.pt``. Reads headers only, not the weights."""
+    ckpt_dir = Path(ckpt_dir)
+    problems: list[str] = []
+    policy_dir = ckpt_dir / POLICY_SUBDIR
+    try:
+        json.loads((policy_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        problems.append(f"{policy_dir / 'config.json'}: {type(error).__name__}: {error}")
+    if not any((policy_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        problems.append(f"{policy_dir}: no tokenizer (tokenizer.json / tokenizer_config.json)")
+    weights = sorted(policy_dir.glob("*.safetensors")) + sorted(policy_dir.glob("*.bin"))
+    if not weights:
+        problems.append(f"{policy_dir}: no weights (*.safetensors)")
+    for path in [*weights, *sorted(ckpt_dir.glob(f"{CRITIC_SUBDIR}/*.safetensors"))]:
+        problems += _safetensors_problem(path)
+    problems += [
+        p
+        for path in sorted(ckpt_dir.glob(f"{EXTRA_SUBDIR}/*.safetensors"))
+        for p in _safetensors_problem(path)
+    ]
+    try:
+        read_trainer_file(ckpt_dir / TRAINER_FILE)
+    except (CheckpointError, OSError) as error:
+        problems.append(str(error))
+    return problems
+
+
+def _safetensors_problem(path: Path) -> list[str]:
+    if path.suffix != ".safetensors":
+        return []
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except Exception as error:  # safetensors raises its own error types for every kind of damage
+        return [f"{path}: {type(error).__name__}: {error}"]
+    return []
+
+
+def usable_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+    """The newest complete checkpoint without problems, and the newer ones skipped, each with its
+    problems (so a resume can say which file is damaged and what it fell back to)."""
+    skipped: list[tuple[Path, list[str]]] = []
+    candidates = [path for _step, path in reversed(_step_dirs(Path(run_dir) / CHECKPOINTS_DIR))]
+    newest = latest_checkpoint(run_dir)
+    if newest is not None and newest in candidates:  # checkpoints/latest first, then by step
+        candidates.remove(newest)
+        candidates.insert(0, newest)
+    for candidate in candidates:
+        problems = checkpoint_problems(candidate)
+        if not problems:
+            return candidate, skipped
+        skipped.append((candidate, problems))
+    return None, skipped
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
