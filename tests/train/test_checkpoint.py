@@ -348,3 +348,45 @@ def test_a_damaged_newest_checkpoint_is_named_and_skipped(tmp_path: Path, tokeni
     assert path == newest and any(named in problem for problem in problems), problems
     (older / TRAINER_FILE).unlink()
     assert usable_checkpoint(run)[0] is None  # nothing usable left: the caller stops clearly
+
+
+DISK_FULL_SCRIPT = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from posttrain.train.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+
+run = Path(sys.argv[1])
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=128, vocab_size=64))
+optimizer = torch.optim.AdamW(model.parameters())
+kwargs = dict(policy=model, tokenizer=None, optimizers={"policy": optimizer}, schedulers={}, trainer_state={})
+save_checkpoint(run, 1, **kwargs)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+try:
+    save_checkpoint(run, 2, **kwargs)
+except CheckpointError as error:
+    print("ERROR", error)
+print("LATEST", latest_checkpoint(run).name)
+"""
+
+
+def test_a_full_disk_gives_a_clear_message_and_loses_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", DISK_FULL_SCRIPT, str(run)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ERROR could not write checkpoint step 2 under" in done.stdout
+    assert "the disk may be full or read-only" in done.stdout
+    assert "LATEST step_000001" in done.stdout
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert leftovers == []
+    problems = checkpoint_problems(run / "checkpoints" / "step_000001")
+    assert all("no tokenizer" in problem for problem in problems)  # the script saved none; the rest is sound

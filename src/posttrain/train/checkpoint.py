@@ -150,11 +150,15 @@ def _fsync_tree(root: Path) -> None:
 def _write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave an empty temp file behind (e.g. disk full)
+        raise
     _fsync_path(path.parent)
 
 
@@ -284,9 +288,12 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     final_name = checkpoint_name(step)
     ckpt_root = run_dir / CHECKPOINTS_DIR
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp_dir = ckpt_root / f"{TMP_PREFIX}{final_name}-{secrets.token_hex(4)}"
-    tmp_dir.mkdir()
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        tmp_dir.mkdir()
+    except OSError as error:
+        raise _write_error(ckpt_root, step, error) from error
     try:
         _write_contents(
             tmp_dir,
@@ -302,12 +309,38 @@ def save_checkpoint(
         )
         final_dir = ckpt_root / final_name
         _move_into_place(tmp_dir, final_dir)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if _is_write_failure(error):
+            raise _write_error(ckpt_root, step, error) from error
         raise
     _write_text_atomic(ckpt_root / LATEST_FILE, final_name + "\n")
     prune_checkpoints(ckpt_root, keep_last=keep_last, protect=final_dir)
     return final_dir
+
+
+def _is_write_failure(error: BaseException) -> bool:
+    """An OSError (disk full, read-only, quota), torch's RuntimeError for a failed file write, or
+    safetensors' I/O error."""
+    if isinstance(error, OSError):
+        return True
+    text = str(error)
+    if type(error).__name__ == "SafetensorError":
+        return "I/O error" in text
+    return isinstance(error, RuntimeError) and ("write" in text or "unexpected pos" in text)
+
+
+def _write_error(ckpt_root: Path, step: int, error: BaseException) -> CheckpointError:
+    """One message for a checkpoint that could not be written: where, why, the free space left."""
+    try:
+        free = f"{shutil.disk_usage(ckpt_root if ckpt_root.exists() else ckpt_root.parent).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return CheckpointError(
+        f"could not write checkpoint step {step} under {ckpt_root} ({free}): {type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}; the disk may be full or read-only; "
+        "earlier checkpoints are intact and no partial checkpoint was left behind"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
