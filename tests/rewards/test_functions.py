@@ -265,3 +265,51 @@ def test_total_is_linear_in_weights(pairs: list[tuple[float, float]], weight: fl
     n = len(pairs)
     totals, _ = score_completions(fns, ["p"] * n, ["c"] * n, [{}] * n)
     assert totals == pytest.approx([a + weight * b for a, b in pairs])
+
+
+def test_a_hanging_reward_function_times_out_naming_function_and_sample() -> None:
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def hangs_on_the_second(prompt: str, completion: str, **row: Any) -> float:
+        if prompt == PROMPTS[1]:
+            release.wait(30)
+        return 1.0
+
+    start = time.perf_counter()
+    with pytest.raises(
+        RewardFunctionError, match=r"'hangs_on_the_second' did not return within 0.2 s on sample 1"
+    ) as caught:
+        score_completions(
+            [("hangs_on_the_second", hangs_on_the_second, 1.0)], PROMPTS, COMPLETIONS, ROWS, timeout_s=0.2
+        )
+    assert time.perf_counter() - start < 5 and caught.value.sample_index == 1
+    assert "data.reward_timeout_s" in str(caught.value)
+    release.set()
+    # within the limit: the same scores as without one
+    fast = [("starts_with_digit", starts_with_digit, 1.0)]
+    assert score_completions(fast, PROMPTS, COMPLETIONS, ROWS, timeout_s=5.0) == score_completions(
+        fast, PROMPTS, COMPLETIONS, ROWS
+    )
+
+
+@pytest.mark.parametrize("timeout_s", [None, 5.0])
+def test_a_reward_function_calling_sys_exit_is_an_error_not_an_exit(timeout_s: float | None) -> None:
+    import sys
+
+    def quits(prompt: str, completion: str, **row: Any) -> float:
+        sys.exit(3)
+
+    with pytest.raises(RewardFunctionError, match=r"'quits' called sys.exit\(3\) on sample 0"):
+        score_completions([("quits", quits, 1.0)], PROMPTS, COMPLETIONS, ROWS, timeout_s=timeout_s)
+
+    def batch_quits(prompts: list[str], completions: list[str], rows: list[dict]) -> list[float]:
+        sys.exit("bye")
+
+    batch_quits.batched = True  # type: ignore[attr-defined]
+    with pytest.raises(RewardFunctionError, match=r"batched reward function 'batch_quits' called sys.exit"):
+        score_completions(
+            [("batch_quits", batch_quits, 1.0)], PROMPTS, COMPLETIONS, ROWS, timeout_s=timeout_s
+        )

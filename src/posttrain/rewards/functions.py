@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -165,21 +166,62 @@ def _row_kwargs(row: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in row.items() if key not in _POSITIONAL_KEYS}
 
 
+class _TimedOut(Exception):
+    """A reward call that did not return within its time limit."""
+
+
+def _call(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], timeout_s: float | None
+) -> Any:
+    """``fn(*args, **kwargs)``, given at most ``timeout_s`` seconds when set: the call runs in a
+    daemon thread, and one that hangs is abandoned there (Python cannot kill a thread), so the
+    trainer stops cleanly instead of waiting forever."""
+    if timeout_s is None:
+        return fn(*args, **kwargs)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as error:  # re-raised in the caller's thread, SystemExit included
+            box["error"] = error
+
+    thread = threading.Thread(target=target, name="posttrain-reward", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise _TimedOut
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _failure(name: str, error: BaseException, timeout_s: float | None, where: str) -> str:
+    if isinstance(error, _TimedOut):
+        return (
+            f"reward function {name!r} did not return within {timeout_s:g} s {where}; fix the function "
+            "or raise data.reward_timeout_s"
+        )
+    if isinstance(error, SystemExit):
+        return f"reward function {name!r} called sys.exit({error.code!r}) {where}; return a score instead"
+    return f"reward function {name!r} raised {type(error).__name__}: {error} {where}"
+
+
 def _score_per_sample(
     name: str,
     fn: Callable[..., Any],
     prompts: Sequence[str],
     completions: Sequence[str],
     rows: Sequence[dict],
+    timeout_s: float | None = None,
 ) -> list[float]:
     scores = []
     for index, (prompt, completion, row) in enumerate(zip(prompts, completions, rows)):
         try:
-            value = fn(prompt, completion, **_row_kwargs(row))
-        except Exception as error:
+            value = _call(fn, (prompt, completion), _row_kwargs(row), timeout_s)
+        except (Exception, SystemExit) as error:
             raise RewardFunctionError(
-                f"reward function {name!r} raised {type(error).__name__}: {error} on sample {index} "
-                f"(prompt {prompt[:80]!r})",
+                _failure(name, error, timeout_s, f"on sample {index} (prompt {prompt[:80]!r})"),
                 function_name=name,
                 sample_index=index,
             ) from error
@@ -193,12 +235,13 @@ def _score_batched(
     prompts: Sequence[str],
     completions: Sequence[str],
     rows: Sequence[dict],
+    timeout_s: float | None = None,
 ) -> list[float]:
     try:
-        values = fn(list(prompts), list(completions), list(rows))
-    except Exception as error:
+        values = _call(fn, (list(prompts), list(completions), list(rows)), {}, timeout_s)
+    except (Exception, SystemExit) as error:
         raise RewardFunctionError(
-            f"batched reward function {name!r} raised {type(error).__name__}: {error}",
+            "batched " + _failure(name, error, timeout_s, f"on a batch of {len(prompts)}"),
             function_name=name,
             sample_index=None,
         ) from error
@@ -224,13 +267,16 @@ def score_completions(
     prompts: list[str],
     completions: list[str],
     rows: list[dict],
+    *,
+    timeout_s: float | None = None,
 ) -> tuple[list[float], dict[str, list[float]]]:
     """Score every completion: ``total[i] = sum_k weight_k * fn_k(prompts[i], completions[i], **rows[i])``.
 
     Returns the weighted totals ``[N]`` and the raw (unweighted) scores of each function by name.
-    Raises ``RewardFunctionError`` when a function raises or returns a non-finite or non-numeric
-    value (the message names the function and the sample index), and ``ValueError`` on mismatched
-    input lengths or duplicate names.
+    Raises ``RewardFunctionError`` when a function raises, calls ``sys.exit``, takes longer than
+    ``timeout_s`` seconds for one call (a batched function: for the batch), or returns a non-finite
+    or non-numeric value (the message names the function and the sample index), and
+    ``ValueError`` on mismatched input lengths or duplicate names.
     """
     count = len(prompts)
     if len(completions) != count or len(rows) != count:
@@ -247,7 +293,7 @@ def score_completions(
     per_function: dict[str, list[float]] = {}
     for name, fn, weight in reward_fns:
         scorer = _score_batched if getattr(fn, "batched", False) is True else _score_per_sample
-        scores = scorer(name, fn, prompts, completions, rows)
+        scores = scorer(name, fn, prompts, completions, rows, timeout_s)
         per_function[name] = scores
         totals = [total + weight * score for total, score in zip(totals, scores)]
     return totals, per_function
