@@ -68,11 +68,13 @@ def test_metrics_are_consistent_with_the_samples(tiny) -> None:
         "eval_truncated_fraction",
         "eval_reward/even_length",
         "eval_reward/half",
+        "eval_reward_std/even_length",
+        "eval_reward_std/half",
         "samples",
     }
     assert result["eval_reward/half"] == 0.5
     assert [s["prompt"] for s in samples] == [row["prompt"] for row in task.test]
-    assert [s["answer"] for s in samples] == [row["answer"] for row in task.test]
+    assert [s["row"]["answer"] for s in samples] == [row["answer"] for row in task.test]
     passed = [even_length("", s["completion"]) for s in samples]
     assert 0 < sum(passed) < len(passed)  # the check below can tell right from wrong
     # reward: weighted sum of every function; accuracy: the first function only
@@ -99,7 +101,7 @@ def test_task_verifier_accuracy_is_the_fraction_of_exact_answers(tiny) -> None:
     engine, tokenizer, task = tiny
     result = _run(tiny, resolve_reward_specs(task.reward_fns))
     samples = result["samples"]
-    correct = [s["completion"].strip() == s["answer"] for s in samples]
+    correct = [s["completion"].strip() == s["row"]["answer"] for s in samples]
     assert result["eval_accuracy"] == pytest.approx(sum(correct) / len(correct))
     assert result["eval_reward"] == pytest.approx(result["eval_accuracy"])
     assert all(s["reward"] in (0.0, 1.0) for s in samples)

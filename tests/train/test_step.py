@@ -204,7 +204,7 @@ def test_rollout_gives_one_scored_episode_per_sample(setup) -> None:
     assert len(set(lengths)) > 1  # the warm-start taught it to stop (sometimes)
     samples = state.last_samples
     assert [s["completion"] for s in samples] == [c.text for c in completions]
-    assert [s["answer"] for s in samples] == [rows[i // group]["answer"] for i in range(len(samples))]
+    assert [s["row"]["answer"] for s in samples] == [rows[i // group]["answer"] for i in range(len(samples))]
 
 
 def test_rollout_is_deterministic_in_the_seed(setup) -> None:
@@ -679,3 +679,49 @@ def test_dr_grpo_update_uses_the_constant_length_normaliser(setup) -> None:
         torch.testing.assert_close(
             delta, -grad if grad is not None else torch.zeros_like(delta), atol=1e-6, rtol=1e-4
         )
+
+
+# ------------------------------------------------------------------ non-finite losses and weights
+
+
+def _poison_gradients(state: TrainState) -> torch.utils.hooks.RemovableHandle:
+    """Every backward through the first trainable weight leaves a NaN in its gradient."""
+    weight = next(p for p in state.policy.parameters() if p.requires_grad)
+    return weight.register_hook(lambda grad: grad * math.nan)
+
+
+def test_a_nan_gradient_skips_the_update_and_moves_no_weight(setup) -> None:
+    from posttrain.train.step import NonFiniteError
+
+    state = make_state(setup, "optim.max_nonfinite_steps=2")
+    before = snapshot(state.policy)
+    handle = _poison_gradients(state)
+    metrics = rl_step(state, prompts_for(setup, state))
+    assert metrics["skipped_updates"] == 1.0 and metrics["updates"] == 0.0
+    assert all(not d.any() for d in deltas(state.policy, before).values())
+    assert state.nonfinite_steps == 1
+    with pytest.raises(NonFiniteError, match=r"2 RL steps in a row.*optim.max_nonfinite_steps=2"):
+        rl_step(state, prompts_for(setup, state))
+    handle.remove()
+    metrics = rl_step(state, prompts_for(setup, state))  # a clean step resets the count
+    assert metrics["skipped_updates"] == 0.0 and metrics["updates"] == 1.0 and state.nonfinite_steps == 0
+    assert any(d.any() for d in deltas(state.policy, before).values())
+
+
+def test_non_finite_weights_stop_the_run(setup) -> None:
+    from posttrain.train.step import NonFiniteError
+
+    state = make_state(setup)
+    with torch.no_grad():  # e.g. an earlier overflow: the run must stop, not train on and save it
+        next(state.policy.parameters()).view(-1)[0] = math.inf
+    with pytest.raises(NonFiniteError, match="weights are NaN/inf at RL step 1.*optim.lr"):
+        rl_step(state, prompts_for(setup, state))
+
+
+def test_a_huge_learning_rate_stops_the_run_instead_of_training_on_nan(setup) -> None:
+    from posttrain.train.step import NonFiniteError
+
+    state = make_state(setup, "optim.lr=1e30", "optim.max_nonfinite_steps=2")
+    with pytest.raises(NonFiniteError, match="optim.lr"):
+        for _ in range(5):
+            rl_step(state, prompts_for(setup, state))

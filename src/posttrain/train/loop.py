@@ -25,6 +25,7 @@ from posttrain.train.evaluate import evaluate
 from posttrain.train.logging import CONFIG_FILE, RunLogger, TrainProgress, read_metrics
 from posttrain.train.setup import build_state, build_task, embedded_model_path, seed_everything
 from posttrain.train.step import TrainState, rl_step, sampling_params
+from posttrain.train.watch import StepWatch, check_config, check_context, record_warnings, run_warnings
 
 
 @dataclass
@@ -113,6 +114,7 @@ def _logged_final_eval(run_dir: Path, step: int) -> dict[str, Any] | None:
     return None
 
 
+@run_warnings()  # each warning of the run printed once, and kept in the run folder
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Run RL training as configured. With ``resume``, continue ``runs/<name>`` from its last checkpoint."""
     cfg = config
@@ -122,6 +124,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+    record_warnings(run_dir, resume=checkpoint is not None)
+    check_config(cfg)
     seed_everything(cfg.run.seed)
     task = build_task(cfg)
     model_path = Path(cfg.model.path) if cfg.model.path else embedded_model_path(cfg, task)
@@ -134,6 +138,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     state = build_state(cfg, task, model_path, policy_path=policy_path, critic_path=critic_path)
     if checkpoint is not None:
         _restore(state, checkpoint)
+    check_context(state, task)
+    watch = StepWatch(cfg)
 
     logger = RunLogger(run_dir, tensorboard=cfg.logging.tensorboard, resume=checkpoint is not None)
     logger.write_config(cfg.model_dump())
@@ -147,6 +153,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
             rows = rows_for_step(task.train, state.data_position, cfg.rollout.prompts_per_step, cfg.run.seed)
             state.data_position += len(rows)
             metrics = rl_step(state, rows)
+            watch.after_step(state.step, metrics)
             if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.optim.steps:
                 metrics.update({k: v for k, v in _run_eval(state, task).items() if k != "samples"})
             logger.log_metrics(state.step, metrics)

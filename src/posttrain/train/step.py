@@ -8,7 +8,9 @@ The same function runs PPO, GRPO, GSPO and every other preset: the preset only p
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +59,12 @@ class TrainState:
     step: int = 0
     data_position: int = 0
     last_samples: list[dict[str, Any]] = field(default_factory=list)
+    nonfinite_steps: int = 0  # consecutive RL steps whose every update was skipped
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/inf that skipping updates cannot contain; the run stops before any
+    checkpoint is written from the damaged state."""
 
 
 def sampling_params(
@@ -178,7 +186,7 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
     # dynamic sampling may leave fewer episodes than the configured number of mini-batches
     num_mini_batches = min(cfg.optim.num_mini_batches, int(torch.unique(batch.episode_ids).numel()))
     sums: dict[str, float] = {}
-    num_micro = num_steps = 0
+    num_micro = num_steps = skipped = 0
     state.policy.train()
     for _epoch in range(cfg.optim.epochs):
         for rows in mini_batches(batch.episode_ids, num_mini_batches, generator):
@@ -197,12 +205,20 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
                 num_micro += 1
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + _optimizer_step(state, train_policy)
-            num_steps += 1
-    return {
-        key: value / (num_steps if key in _PER_OPTIMIZER_STEP else max(num_micro, 1))
+            grad_norm = _optimizer_step(state, train_policy)
+            if math.isfinite(grad_norm):
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+                num_steps += 1
+            else:
+                skipped += 1
+    metrics = {
+        key: value / (max(num_steps, 1) if key in _PER_OPTIMIZER_STEP else max(num_micro, 1))
         for key, value in sums.items()
+        if math.isfinite(value)  # a skipped update's NaN loss is reported as skipped, not averaged in
     }
+    metrics["skipped_updates"] = float(skipped)
+    metrics["updates"] = float(num_steps)
+    return metrics
 
 
 def _micro_batch_backward(
@@ -262,18 +278,57 @@ def _micro_batch_backward(
 
 
 def _optimizer_step(state: TrainState, train_policy: bool) -> float:
+    """Clip and apply the accumulated gradients; returns the policy's gradient norm. When a loss or
+    gradient is NaN/inf (policy or critic), no parameter moves: the gradients are dropped and the
+    norm returned is not finite, so the caller counts a skipped update."""
     max_norm = state.config.optim.max_grad_norm
     grad_norm = 0.0
+    critic_norm = 0.0
+    params = [p for p in state.policy.parameters() if p.requires_grad] if train_policy else []
     if train_policy:
-        params = [p for p in state.policy.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if state.critic is not None and state.critic_optimizer is not None:
+        critic_norm = float(torch.nn.utils.clip_grad_norm_(state.critic.parameters(), max_norm))
+    finite = math.isfinite(grad_norm) and math.isfinite(critic_norm)
+    if finite and train_policy:
         state.policy_optimizer.step()
     state.policy_optimizer.zero_grad(set_to_none=True)
     if state.critic is not None and state.critic_optimizer is not None:
-        torch.nn.utils.clip_grad_norm_(state.critic.parameters(), max_norm)
-        state.critic_optimizer.step()
+        if finite:
+            state.critic_optimizer.step()
         state.critic_optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm if finite else math.nan
+
+
+def weights_are_finite(*modules: torch.nn.Module | None) -> bool:
+    """True when every parameter of ``modules`` is finite (None entries are skipped)."""
+    return all(
+        bool(torch.isfinite(p).all()) for module in modules if module is not None for p in module.parameters()
+    )
+
+
+def _check_weights(state: TrainState) -> None:
+    if not weights_are_finite(state.policy, state.critic):
+        raise NonFiniteError(
+            f"the weights are NaN/inf at RL step {state.step + 1}; nothing is saved from them. "
+            f"Lower optim.lr (now {state.config.optim.lr:g}) or optim.max_grad_norm and resume from "
+            "the last checkpoint"
+        )
+
+
+def _check_finite(state: TrainState, metrics: dict[str, float]) -> None:
+    """Stop when a step made the weights non-finite, or when ``optim.max_nonfinite_steps`` steps in
+    a row had every update skipped for NaN/inf losses or gradients (skipping alone cannot help)."""
+    _check_weights(state)
+    all_skipped = metrics["skipped_updates"] > 0 and metrics["updates"] == 0
+    state.nonfinite_steps = state.nonfinite_steps + 1 if all_skipped else 0
+    limit = state.config.optim.max_nonfinite_steps
+    if state.nonfinite_steps >= limit:
+        raise NonFiniteError(
+            f"{state.nonfinite_steps} RL steps in a row had NaN/inf losses or gradients, so every update "
+            f"was skipped (optim.max_nonfinite_steps={limit}); check the rewards and lower optim.lr "
+            f"(now {state.config.optim.lr:g})"
+        )
 
 
 def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -283,7 +338,16 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
     t0 = time.perf_counter()
     state.policy.eval()
     params = sampling_params(cfg, max_new_tokens=state.max_new_tokens)
-    rollout = state.collector.collect(rows, params, group_size=cfg.rollout.group_size, seed=seed)
+    _check_weights(state)
+    try:
+        rollout = state.collector.collect(rows, params, group_size=cfg.rollout.group_size, seed=seed)
+    except RuntimeError as error:  # sampling from NaN/inf probabilities: finite but overflowing weights
+        if "inf" not in str(error) or "nan" not in str(error):
+            raise
+        raise NonFiniteError(
+            f"the policy's next-token probabilities are NaN/inf at RL step {state.step + 1} (weights "
+            f"overflow); lower optim.lr (now {cfg.optim.lr:g}) and resume from the last checkpoint"
+        ) from error
     state.last_samples = rollout.samples
     metrics = dict(rollout.metrics)
     t1 = time.perf_counter()
@@ -296,10 +360,16 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
     policy_trained = policy_trains(state)
     metrics.update(update(state, batch, seed))
     t3 = time.perf_counter()
-    if policy_trained and state.policy_scheduler is not None:  # starts when the policy does
-        state.policy_scheduler.step()
-    if state.critic_scheduler is not None:
-        state.critic_scheduler.step()
+    _check_finite(state, metrics)
+    with warnings.catch_warnings():
+        # the schedule follows RL steps, also through a step whose every update was skipped
+        warnings.filterwarnings(
+            "ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning
+        )
+        if policy_trained and state.policy_scheduler is not None:  # starts when the policy does
+            state.policy_scheduler.step()
+        if state.critic_scheduler is not None:
+            state.critic_scheduler.step()
     if state.kl_controller is not None and "kl" in metrics:
         state.kl_controller.update(metrics["kl"], n_steps=len(episodes))
         metrics["kl_coef"] = state.kl_controller.coef
