@@ -11,7 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from posttrain.data.datasets import SUPPORTED_EXTENSIONS, load_rows, task_from_rows
+from posttrain.data.datasets import (
+    SUPPORTED_EXTENSIONS,
+    DataError,
+    DataNotFoundError,
+    demonstration_rows,
+    hold_out,
+    load_rows,
+    split_rows,
+    task_from_rows,
+)
 from posttrain.data.tasks import Task
 from posttrain.rewards.functions import RewardSpec, RewardSpecError, resolve_reward_specs, score_completions
 
@@ -118,11 +127,64 @@ def test_folder_that_is_not_a_saved_dataset(tmp_path: Path) -> None:
         load_rows(tmp_path / "random_folder")
 
 
-def test_unreadable_file_names_the_path(tmp_path: Path) -> None:
+def test_malformed_jsonl_names_the_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "broken.jsonl"
-    path.write_text('{"prompt": "ok"}\n{this is not json\n')
-    with pytest.raises(ValueError, match=r"could not read .*broken\.jsonl' as json: .*JSON parse error"):
+    path.write_text('{"prompt": "ok"}\n\n{this is not json\n')
+    with pytest.raises(DataError, match=r"broken\.jsonl': line 3 is not valid JSON .*one JSON object"):
         load_rows(path)
+
+
+def test_a_line_that_is_not_an_object_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"prompt": "ok"}\n["a", "b"]\n')
+    with pytest.raises(DataError, match=r"line 2 is a JSON list, not an object"):
+        load_rows(path)
+
+
+def test_non_utf8_file_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "ok"}\n{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(
+        DataError, match=r"latin1\.jsonl': line 2 is not valid UTF-8 .*save the file as UTF-8"
+    ):
+        load_rows(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"), [("empty.jsonl", ""), ("blank.jsonl", "\n \n"), ("empty.csv", "")]
+)
+def test_a_file_without_rows_says_so(tmp_path: Path, name: str, content: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=rf"data.path '.*{name}' has no rows"):
+        load_rows(path, config_key="data.path")
+
+
+def test_a_json_array_file_with_a_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "rows.json"
+    path.write_text('[\n{"prompt": "a"},\n{"prompt": }\n]')
+    with pytest.raises(DataError, match=r"rows\.json': not valid JSON at line 3"):
+        load_rows(path)
+
+
+def test_a_row_without_the_prompt_field_names_the_row_and_its_fields(tmp_path: Path) -> None:
+    path = _write_jsonl(
+        tmp_path / "gap.jsonl", [{"prompt": "a", "answer": "1"}, {"question": "b", "answer": "2"}]
+    )
+    with pytest.raises(
+        DataError,
+        match=r"row 1 \(line 2\) of .*gap\.jsonl' has no prompt field 'prompt' \(its fields: \['answer', 'question'\]\)",
+    ):
+        load_rows(path)
+
+
+def test_data_errors_are_value_errors_and_a_missing_file_is_also_file_not_found(tmp_path: Path) -> None:
+    assert issubclass(DataError, ValueError)
+    with pytest.raises(
+        DataNotFoundError, match=r"dataset not found: data.test_path '.*nowhere\.jsonl'"
+    ) as caught:
+        load_rows(tmp_path / "nowhere.jsonl", config_key="data.test_path")
+    assert isinstance(caught.value, FileNotFoundError) and isinstance(caught.value, DataError)
 
 
 def test_missing_prompt_field_names_field_columns_and_config_key(files: dict[str, Path]) -> None:
@@ -141,7 +203,11 @@ def test_conflicting_prompt_columns_are_an_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("bad_prompt", "message"),
-    [("", "row 1 .*is empty"), ("   ", "row 1 .*is empty"), (None, "row 1 .*NoneType, not a string")],
+    [
+        ("", "row 1 .*is empty"),
+        ("   ", "row 1 .*is empty"),
+        (None, r"row 1 \(line 2\) .*has no prompt field"),
+    ],
 )
 def test_bad_prompt_names_the_row(tmp_path: Path, bad_prompt: object, message: str) -> None:
     rows = [{"prompt": "fine", "answer": "1"}, {"prompt": bad_prompt, "answer": "2"}]
@@ -200,3 +266,56 @@ def test_task_from_rows_validates_rows_and_arguments() -> None:
         task_from_rows([{"prompt": "p"}], [], [], "t", 8)
     with pytest.raises(ValueError, match="max_new_tokens must be positive"):
         task_from_rows([{"prompt": "p"}], [], ["countdown"], "t", 0)
+
+
+def test_task_from_rows_keeps_the_warm_starts_own_rows() -> None:
+    demos = [{"prompt": "d", "solution": "x"}]
+    task = task_from_rows([{"prompt": "p"}], [], ["countdown"], "t", 8, demonstrations=demos)
+    assert task.demonstrations == demos and task.warmstart_rows() == demos
+    assert task_from_rows([{"prompt": "p"}], [], ["countdown"], "t", 8).warmstart_rows() == [{"prompt": "p"}]
+    with pytest.raises(DataError, match="demonstration row 0 has no non-empty string 'prompt'"):
+        task_from_rows([{"prompt": "p"}], [], ["countdown"], "t", 8, demonstrations=[{"solution": "x"}])
+
+
+# ---------------------------------------------------------------- splits
+
+
+def test_hold_out_is_seeded_disjoint_and_keeps_the_order() -> None:
+    rows = [{"prompt": str(i)} for i in range(20)]
+    rest, held = hold_out(rows, 5, seed=0)
+    assert len(held) == 5 and len(rest) == 15
+    assert sorted(map(id, rest + held)) == sorted(map(id, rows))  # every row once, in one split only
+    assert rest == sorted(rest, key=lambda r: int(r["prompt"])) and held == sorted(
+        held, key=lambda r: int(r["prompt"])
+    )
+    assert hold_out(rows, 5, seed=0) == (rest, held)
+    assert hold_out(rows, 5, seed=1)[1] != held
+    assert held != rows[:5]  # not simply the first rows
+
+
+def test_hold_out_leaves_rows_to_train_on() -> None:
+    with pytest.raises(DataError, match=r"rows.jsonl has 3 rows: too few to hold out 3 .*data.test_path"):
+        hold_out([{"prompt": "a"}] * 3, 3, seed=0, label="rows.jsonl")
+
+
+def test_split_rows_takes_a_seeded_share_and_at_least_one() -> None:
+    rows = [{"prompt": str(i)} for i in range(10)]
+    picked, rest = split_rows(rows, 0.3, seed=0)
+    assert len(picked) == 3 and sorted(picked + rest) == list(range(10))
+    assert split_rows(rows, 0.3, seed=0) == (picked, rest) and split_rows(rows, 0.3, seed=5) != (picked, rest)
+    assert len(split_rows(rows[:1], 0.1, seed=0)[0]) == 1
+
+
+def test_demonstration_rows_takes_the_configured_field_as_text() -> None:
+    rows = [{"prompt": "a", "target": 7}, {"prompt": "b"}, {"prompt": "c", "target": "x", "solution": "old"}]
+    indices, demos = demonstration_rows(rows, "target")
+    assert indices == [0, 2]
+    assert demos == [
+        {"prompt": "a", "target": 7, "solution": "7"},
+        {"prompt": "c", "target": "x", "solution": "x"},
+    ]
+    assert rows[2]["solution"] == "old"  # the rows reward functions read are not changed
+    with pytest.raises(
+        DataError, match=r"row 0 of rows\.jsonl: the demonstration \(field 'target'\) is a list"
+    ):
+        demonstration_rows([{"prompt": "a", "target": [1]}], "target", label="rows.jsonl")

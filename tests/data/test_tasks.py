@@ -106,7 +106,7 @@ def test_train_and_test_prompts_are_disjoint_and_unique(name: str) -> None:
     task = get_task(name)  # the full default sizes
     train_prompts = [row["prompt"] for row in task.train]
     test_prompts = [row["prompt"] for row in task.test]
-    assert len(train_prompts) == 600 and len(test_prompts) == 200
+    assert len(train_prompts) == 680 and len(test_prompts) == 200
     assert len(set(train_prompts)) == len(train_prompts)
     assert len(set(test_prompts)) == len(test_prompts)
     assert not set(train_prompts) & set(test_prompts)

@@ -121,3 +121,32 @@ def test_train_tokenizer_respects_vocab_limit() -> None:
     words = [f"word{chr(97 + i)}{chr(97 + j)} other{chr(97 + j)}" for i in range(26) for j in range(26)]
     tokenizer = train_tokenizer(words * 3, vocab_size=150)
     assert tokenizer.get_vocab_size() <= 150
+
+
+def test_char_tokenizer_spells_every_word_letter_by_letter() -> None:
+    corpus = ["reverse: hello -> olleh", "reverse: world -> dlrow", "caf\u00e9 \u00e9t\u00e9"] * 20
+    bpe, char = train_tokenizer(corpus), train_tokenizer(corpus, kind="char")
+    text = "reverse: hello -> olleh\ncaf\u00e9"
+    assert "\u2581hello" in bpe.encode(text).tokens  # BPE merges a frequent word into one token
+    tokens = char.encode(text).tokens
+    assert all(len(token) == 1 for token in tokens) and len(tokens) == len(text)
+    assert char.decode(char.encode(text).ids) == text
+    assert "<unk>" not in tokens  # characters of the corpus beyond ASCII have tokens too
+    with pytest.raises(ValueError, match=r"tokenizer kind must be one of \('bpe', 'char'\), got 'word'"):
+        train_tokenizer(corpus, kind="word")
+
+
+def test_build_with_a_char_tokenizer(tmp_path: Path) -> None:
+    path = build_tiny_model(
+        tmp_path / "char", ["abc cba"] * 5, hidden_size=16, num_layers=1, num_heads=2, tokenizer_kind="char"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("abc cba").input_ids) == [
+        "a",
+        "b",
+        "c",
+        "\u2581",
+        "c",
+        "b",
+        "a",
+    ]

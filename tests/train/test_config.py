@@ -149,3 +149,80 @@ def test_guard_needs_a_tool_env(tmp_path) -> None:
     assert load_config(None, [f"env.name={module}:Bare", "data.task=key_chain"]).uses_env()
     with pytest.raises(ConfigError, match="env.guard: .* is a Bare, not a ToolEnv"):
         load_config(None, [f"env.name={module}:Bare", "data.task=key_chain", "env.guard={}"])
+
+
+def test_reward_functions_may_be_callables_from_python_and_are_saved_by_name() -> None:
+    import json
+
+    cfg = TrainConfig(data={"reward_fns": [{"fn": json.loads, "weight": 2.0}, {"fn": "arithmetic_exact"}]})
+    assert cfg.data.reward_fns[0].fn is json.loads  # the run uses the function itself
+    dumped = cfg.model_dump()["data"]["reward_fns"]
+    assert dumped == [{"fn": "json:loads", "weight": 2.0}, {"fn": "arithmetic_exact", "weight": 1.0}]
+    assert yaml.safe_load(yaml.safe_dump(cfg.model_dump()))["data"]["reward_fns"] == dumped
+    with pytest.raises(ValueError, match="data.reward_fns.0.fn"):
+        TrainConfig(data={"reward_fns": [{"fn": 3}]})
+    with pytest.raises(ValueError, match="data.reward_fns.0.weight"):
+        TrainConfig(data={"reward_fns": [{"fn": "arithmetic_exact", "weight": float("nan")}]})
+
+
+# ---------------------------------------------------------------- your own data
+
+
+def test_a_dataset_replaces_the_builtin_task_in_the_saved_config(tmp_path) -> None:
+    config = load_config(None, ["data.path=rows.jsonl"])
+    assert config.data.task is None and config.env_name() is None
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    assert yaml.safe_load(saved.read_text())["data"]["task"] is None
+    assert load_config(saved) == config  # the saved config loads back as it was
+    assert load_config(None, []).data.task == "arithmetic"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["data.path=x.jsonl", "data.task=countdown"],
+            r"data\.task \('countdown'\) and data\.path are both set",
+        ),
+        (["data.test_path=t.jsonl"], r"data\.test_path applies to a dataset given by data\.path"),
+        (["data.demonstrations_path=d.jsonl"], r"data\.demonstrations_path applies to a dataset"),
+        (["data.test_fraction=0.2"], r"data\.test_fraction applies to a dataset"),
+        (["data.solution_field=target"], r"data\.solution_field applies to a dataset"),
+        (["data.path=x.jsonl", "data.test_path=t.jsonl", "data.test_fraction=0.2"], r"set only one of them"),
+        (
+            ["data.path=x.jsonl", "data.num_test=5", "data.test_fraction=0.2"],
+            r"test_fraction and data\.num_test",
+        ),
+        (["data.path=x.jsonl", "data.test_fraction=1"], r"data\.test_fraction: .*less than 1"),
+        (
+            ["warmstart.split_fraction=0.3"],
+            r"warmstart\.split_fraction applies when .*set warmstart\.rows=split",
+        ),
+        (
+            ["data.path=x.jsonl", "warmstart.rows=all", "warmstart.split_fraction=0.3"],
+            r"split_fraction applies",
+        ),
+        (
+            ["data.path=x.jsonl", "data.demonstrations_path=d.jsonl", "warmstart.rows=split"],
+            r"warmstart\.rows: the warm-start imitates the data\.demonstrations_path file",
+        ),
+        (
+            ["data.path=x.jsonl", "env.name=key_chain", "data.demonstrations_path=d.jsonl"],
+            r"the environment 'key_chain' writes the warm-start's demonstrations itself",
+        ),
+        (["warmstart.rows=some"], r"warmstart\.rows: Input should be 'split' or 'all'"),
+        (["model.tiny_tokenizer=word"], r"model\.tiny_tokenizer: Input should be 'bpe' or 'char'"),
+    ],
+)
+def test_data_settings_that_would_be_ignored_are_refused(overrides, expected) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, overrides)
+
+
+def test_warm_start_split_defaults_to_datasets_only() -> None:
+    assert load_config(None, ["data.path=x.jsonl"]).warmstart_split()
+    assert not load_config(None, []).warmstart_split()  # the built-in demo keeps its numbers
+    assert load_config(None, ["warmstart.rows=split"]).warmstart_split()
+    assert not load_config(None, ["data.path=x.jsonl", "warmstart.rows=all"]).warmstart_split()
+    assert not load_config(None, ["data.path=x.jsonl", "data.demonstrations_path=d.jsonl"]).warmstart_split()

@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from posttrain.algorithms.kl import AdaptiveKLController, FixedKLController
 from posttrain.algorithms.presets import PRESETS
+from posttrain.data.datasets import DataError
+from posttrain.data.tasks import get_task, task_corpus
 from posttrain.models.critic import ValueModel
 from posttrain.models.load import load_policy, save_policy
 from posttrain.rewards.functions import resolve_reward_specs
@@ -120,10 +123,12 @@ def test_build_task_from_a_user_jsonl(tmp_path: Path) -> None:
     )
     task = build_task(cfg)
     assert task.name == "sums"
-    assert [r["prompt"] for r in task.train] == [f"{i}+1=" for i in range(6)]
-    # no test_path: the test split is the first num_test training rows
-    assert [r["prompt"] for r in task.test] == ["0+1=", "1+1=", "2+1="]
-    assert task.train[0]["target"] == "1" and "question" not in task.train[0]
+    # no test_path: num_test rows held out by a seeded shuffle, never trained on; num_train caps the rest
+    assert len(task.test) == 3 and len(task.train) == 6
+    assert not {r["prompt"] for r in task.train} & {r["prompt"] for r in task.test}
+    assert {r["prompt"] for r in task.train + task.test} <= {f"{i}+1=" for i in range(10)}
+    assert all(r["target"] == str(int(r["prompt"].split("+")[0]) + 1) for r in task.train)
+    assert "question" not in task.train[0]
     assert task.max_new_tokens == 64  # default budget for a user dataset
     [(name, fn, weight)] = resolve_reward_specs(task.reward_fns)
     assert (name, weight) == ("exact", 2.0)
@@ -158,6 +163,150 @@ def test_user_dataset_without_reward_functions_is_a_clear_error(tmp_path: Path) 
         build_task(_config(tmp_path, f"data.path={data}"))
 
 
+# ------------------------------------------------------- your own data: splits and demonstrations
+
+ALL_ROWS = ["data.num_train=null", "data.num_test=null"]
+
+
+def _sums(folder: Path, count: int, *, solutions: int | None = None, field: str = "solution") -> Path:
+    """``count`` rows ``"i+1="``; the first ``solutions`` of them (default all) carry a demonstration."""
+    rows = [{"prompt": f"{i}+1=", "target": str(i + 1)} for i in range(count)]
+    for row in rows[: count if solutions is None else solutions]:
+        row[field] = row["target"]
+    return _write_rows(folder / "sums.jsonl", rows)
+
+
+def _dataset_config(tmp_path: Path, data: Path, *extra: str):
+    rewards = _reward_file(tmp_path)
+    return _config(
+        tmp_path, f"data.path={data}", f"data.reward_fns=[{{fn: '{rewards}:exact'}}]", *ALL_ROWS, *extra
+    )
+
+
+def _prompts(rows: list[dict]) -> set[str]:
+    return {row["prompt"] for row in rows}
+
+
+def test_every_row_is_used_and_a_tenth_held_out_by_default(tmp_path: Path, capsys) -> None:
+    task = build_task(_dataset_config(tmp_path, _sums(tmp_path, 50)))
+    assert (len(task.train), len(task.test)) == (45, 5)  # no warm-start here (warmstart.steps=0)
+    assert not _prompts(task.train) & _prompts(task.test)
+    assert (
+        capsys.readouterr().out.splitlines()[-1].endswith("sums.jsonl: 50 rows -> 45 RL, 5 test (held out)")
+    )
+    again = build_task(_dataset_config(tmp_path, _sums(tmp_path, 50), "data.test_fraction=0.2"))
+    assert (len(again.train), len(again.test)) == (40, 10)
+    other_seed = build_task(_dataset_config(tmp_path, _sums(tmp_path, 50), "run.seed=1"))
+    assert _prompts(other_seed.test) != _prompts(task.test)
+
+
+def test_builtin_task_defaults_are_the_demos_680_and_200(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"run.output_dir={tmp_path}"])
+    assert (cfg.data.num_train, cfg.data.num_test) == (None, None)
+    task = build_task(cfg)
+    reference = get_task("arithmetic", seed=0, num_train=680, num_test=200)
+    assert task.train == reference.train and task.test == reference.test
+    assert task.demonstrations is None  # the warm-start imitates the training rows, as before
+
+
+def test_warm_start_and_rl_split_the_rows_with_demonstrations(tmp_path: Path, capsys) -> None:
+    cfg = _dataset_config(
+        tmp_path, _sums(tmp_path, 50, field="target"), "warmstart.steps=1", "data.solution_field=target"
+    )
+    task = build_task(cfg)
+    warm = task.warmstart_rows()
+    assert len(warm) + len(task.train) == 45 and abs(len(warm) - len(task.train)) <= 1
+    assert not _prompts(warm) & _prompts(task.train) and not _prompts(warm) & _prompts(task.test)
+    assert all(row["solution"] == row["target"] for row in warm)  # the configured field, as text
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.endswith(f"50 rows -> {len(warm)} warm-start, {len(task.train)} RL, 5 test (held out)")
+    shares = build_task(
+        _dataset_config(tmp_path, _sums(tmp_path, 50), "warmstart.steps=1", "warmstart.split_fraction=0.2")
+    )
+    assert len(shares.warmstart_rows()) == 9 and len(shares.train) == 36
+
+
+def test_warm_start_on_all_rows_when_asked(tmp_path: Path, capsys) -> None:
+    task = build_task(
+        _dataset_config(tmp_path, _sums(tmp_path, 20), "warmstart.steps=1", "warmstart.rows=all")
+    )
+    assert _prompts(task.warmstart_rows()) == _prompts(task.train) and len(task.train) == 18
+    assert "-> 18 RL (the warm-start imitates 18 of them), 2 test" in capsys.readouterr().out
+
+
+def test_no_split_without_a_warm_start(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = _sums(tmp_path, 20)
+    for extra in ("warmstart.steps=0", f"model.path={tiny_model_dir}"):
+        task = build_task(_dataset_config(tmp_path, data, "warmstart.steps=1", extra))
+        assert len(task.train) == 18  # RL trains on every training row
+
+
+def test_builtin_task_splits_only_when_asked(tmp_path: Path) -> None:
+    task = build_task(_config(tmp_path, "warmstart.steps=1", "warmstart.rows=split"))
+    assert (len(task.warmstart_rows()), len(task.train)) == (8, 8)
+    assert not _prompts(task.warmstart_rows()) & _prompts(task.train)
+    assert all("flawed_solution" in row for row in task.warmstart_rows())  # built-in rows, unchanged
+
+
+def test_only_rows_with_a_demonstration_are_imitated_and_counted(tmp_path: Path, capsys) -> None:
+    cfg = _dataset_config(
+        tmp_path, _sums(tmp_path, 40, solutions=10), "warmstart.steps=1", "warmstart.rows=all"
+    )
+    task = build_task(cfg)
+    training = len(task.train)
+    with_demo = [row for row in task.train if row["solution"] is not None]  # a missing field reads None
+    assert _prompts(task.warmstart_rows()) == _prompts(with_demo)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert (
+        f"only {len(with_demo)} of {training} training rows have a demonstration (data.solution_field 'solution')"
+        in line
+    )
+
+
+def test_demonstrations_from_a_file_of_their_own(tmp_path: Path, capsys) -> None:
+    demos = _write_rows(
+        tmp_path / "demos" / "demos.jsonl", [{"q": f"{i}+5=", "answer": i + 5} for i in range(7)]
+    )
+    data = _write_rows(tmp_path / "rows.jsonl", [{"q": f"{i}+1=", "target": str(i + 1)} for i in range(20)])
+    cfg = _dataset_config(
+        tmp_path,
+        data,
+        "warmstart.steps=1",
+        "data.prompt_field=q",
+        "data.solution_field=answer",
+        f"data.demonstrations_path={demos}",
+    )
+    task = build_task(cfg)
+    assert len(task.train) == 18  # RL trains on every training row
+    assert [(row["prompt"], row["solution"]) for row in task.warmstart_rows()] == [
+        (f"{i}+5=", str(i + 5)) for i in range(7)
+    ]
+    assert (
+        capsys.readouterr().out.splitlines()[-1].endswith("; warm-start: 7 rows of data.demonstrations_path")
+    )
+    assert "6+5=" in "".join(task_corpus(task))  # the tokenizer sees the demonstrations too
+    _write_rows(demos, [{"q": "1+5=", "answer": "6"}, {"q": "1+1="}])
+    with pytest.raises(
+        DataError,
+        match=r"row 1 \(line 2\) of data.demonstrations_path .* no value for required field 'answer'",
+    ):
+        build_task(cfg)
+
+
+def test_too_few_rows_for_the_splits_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data.path '.*sums.jsonl' has 2 rows: too few to hold out 2"):
+        build_task(_dataset_config(tmp_path, _sums(tmp_path, 2), "data.num_test=2"))
+    with pytest.raises(DataError, match=r"none left for RL; add rows, or set warmstart.rows=all"):
+        build_task(_dataset_config(tmp_path, _sums(tmp_path, 2), "warmstart.steps=1"))
+
+
+def test_an_empty_dataset_is_a_data_error_naming_the_setting(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"data.path '.*empty.jsonl' has no rows"):
+        build_task(_dataset_config(tmp_path, empty))
+
+
 # ------------------------------------------------------------------------ embedded model
 
 
@@ -186,6 +335,17 @@ def test_embedded_model_is_sized_by_the_config(base) -> None:
     ]  # one token per digit / symbol
 
 
+def test_char_tokenizer_option_builds_its_own_cached_model(base) -> None:
+    out, task, bpe_path = base
+    char_path = embedded_model_path(_config(out, "model.tiny_tokenizer=char"), task)
+    assert char_path != bpe_path and char_path.parent == bpe_path.parent
+    _, tokenizer = load_policy(char_path)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("12+3=", add_special_tokens=False).input_ids) == list(
+        "12+3="
+    )
+    assert embedded_model_path(_config(out), task) == bpe_path  # the default's cache key is unchanged
+
+
 def test_warm_start_is_cached_and_keyed_by_its_settings(base) -> None:
     out, task, base_path = base
     cfg = _config(out, "warmstart.steps=2")
@@ -208,7 +368,7 @@ def test_warm_start_is_cached_and_keyed_by_its_settings(base) -> None:
     assert not torch.equal(model_base.model.embed_tokens.weight, model_warm.model.embed_tokens.weight)
 
 
-def test_dataset_without_solutions_skips_the_warm_start(tmp_path: Path) -> None:
+def test_dataset_without_solutions_skips_the_warm_start_and_says_so(tmp_path: Path, capsys) -> None:
     data = _write_rows(
         tmp_path / "plain.jsonl", [{"prompt": f"{i}+1=", "target": str(i + 1)} for i in range(6)]
     )
@@ -220,6 +380,11 @@ def test_dataset_without_solutions_skips_the_warm_start(tmp_path: Path) -> None:
     path = embedded_model_path(cfg, task)
     assert path.name.startswith("tiny-plain-")
     assert not any(p.name.startswith("warm-") for p in path.parent.iterdir())
+    assert (
+        "warning: data.solution_field 'solution' is in none of the rows: the embedded tiny model starts "
+        "from random weights and cannot learn; add demonstrations (data.solution_field / "
+        "data.demonstrations_path) or give model.path"
+    ) in capsys.readouterr().err.splitlines()
 
 
 def test_warm_start_cache_key_depends_on_the_training_rows(tmp_path: Path) -> None:
@@ -475,3 +640,32 @@ def test_every_env_setting_reaches_the_multi_turn_collector(tmp_path: Path, tiny
     assert collector.make_env().step_reward == 0.25
     assert collector.max_episode_actions == min(99, 7 * task.max_new_tokens)
     assert sampling_params(cfg, max_new_tokens=3).stop == ("!",)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_a_run_on_your_own_data_reports_what_it_used(tmp_path: Path, capsys) -> None:
+    """train() on a made-up JSONL: the split's sizes are printed, the saved config names the dataset
+    (not the built-in task), and samples.jsonl shows each row's target beside its completion."""
+    from posttrain.train.loop import train
+
+    data = _sums(tmp_path, 30, field="target")
+    cfg = _dataset_config(
+        tmp_path,
+        data,
+        "data.solution_field=target",
+        "data.max_new_tokens=4",
+        "warmstart.steps=2",
+        "optim.steps=1",
+        "eval.num_prompts=3",
+        "run.name=own",
+    )
+    result = train(cfg)
+    out = capsys.readouterr().out
+    assert f"data: {data}: 30 rows -> 14 warm-start, 13 RL, 3 test (held out)" in out
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert saved["data"]["task"] is None and saved["data"]["path"] == str(data)
+    samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["row"]["target"] == str(int(s["prompt"].split("+")[0]) + 1) for s in samples)

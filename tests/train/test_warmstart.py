@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain.data.tasks import get_task
+from posttrain.data.tasks import Task, get_task
 from posttrain.models.forward import token_logprobs
 from posttrain.models.load import load_policy
 from posttrain.rollout.collector import encode_prompt
@@ -83,3 +83,24 @@ def test_flawed_demonstrations_teach_the_flaw_and_the_result_is_cached(tiny_mode
     assert _minus_logprob(flawed, negatives) < _minus_logprob(clean, negatives) - 1.0
     stamp = (flawed / "config.json").stat().st_mtime_ns
     assert run(1.0) == flawed and (flawed / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_warm_start_imitates_the_tasks_own_demonstrations(tiny_model_dir, tmp_path) -> None:
+    """Training rows without solutions are never read; demonstration rows without one are skipped."""
+    task = Task(
+        name="own",
+        train=[{"prompt": "1+1="}],  # would fail to tokenise a solution if the warm-start read it
+        test=[],
+        reward_fns=[],
+        max_new_tokens=4,
+        description="",
+        demonstrations=[{"prompt": "2+2=", "solution": "4"}, {"prompt": "3+3=", "solution": None}],
+    )
+    settings = SimpleNamespace(steps=2, lr=1e-2, weight_decay=0.0, batch_size=4, flawed_fraction=0.0)
+    out = warm_start(tiny_model_dir, tmp_path / "warm", task, settings, seed=0, progress=False)
+    tuned, _ = load_policy(out)
+    start, _ = load_policy(tiny_model_dir)
+    assert not torch.equal(tuned.model.embed_tokens.weight, start.model.embed_tokens.weight)
+    task.demonstrations = [{"prompt": "3+3=", "solution": None}]
+    with pytest.raises(ValueError, match="task 'own' has no rows to warm-start on"):
+        warm_start(tiny_model_dir, tmp_path / "none", task, settings, seed=0, progress=False)

@@ -50,6 +50,10 @@ __all__ = [
 ]
 
 DEFAULT_TASK = "arithmetic"
+# the built-in tasks' default sizes: the default arithmetic task has 900 distinct prompts, 200 held
+# out and 680 to train on (the other tasks have more)
+DEFAULT_NUM_TRAIN = 680
+DEFAULT_NUM_TEST = 200
 
 
 @dataclass
@@ -62,6 +66,12 @@ class Task:
     reward_fns: list[RewardSpec]
     max_new_tokens: int
     description: str
+    # the rows the supervised warm-start imitates (prompt + solution); None = the training rows
+    demonstrations: list[dict] | None = None
+
+    def warmstart_rows(self) -> list[dict]:
+        """The warm-start's rows: ``demonstrations`` when the task has its own, else ``train``."""
+        return self.train if self.demonstrations is None else self.demonstrations
 
 
 Row = dict[str, Any]
@@ -459,7 +469,12 @@ def _distinct_rows(
 
 
 def get_task(
-    name: str = DEFAULT_TASK, *, seed: int = 0, num_train: int = 600, num_test: int = 200, **options: Any
+    name: str = DEFAULT_TASK,
+    *,
+    seed: int = 0,
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_test: int = DEFAULT_NUM_TEST,
+    **options: Any,
 ) -> Task:
     """Build a built-in task deterministically from ``seed``; train and test prompts are disjoint.
 
@@ -492,8 +507,16 @@ def corpus(name: str = DEFAULT_TASK, **options: Any) -> str:
 def task_corpus(task: Task) -> list[str]:
     """Texts covering every character of the task's prompts and solutions, for tokenizer training:
     the built-in alphabet (if ``task.name`` is a built-in task) followed by all prompts, solutions
-    and answers."""
+    and answers of the train and test rows, then those of the warm-start's own demonstrations that
+    are not already there."""
     texts = [corpus(task.name)] + TASKS[task.name].corpus_texts(task.train) if task.name in TASKS else []
     for row in [*task.train, *task.test]:
-        texts.extend(str(row[key]) for key in ("prompt", "solution", "answer") if row.get(key) is not None)
+        texts.extend(_row_texts(row))
+    seen = set(texts)  # a demonstration row split off the training rows adds its texts once
+    for row in task.demonstrations or []:
+        texts.extend(text for text in _row_texts(row) if text not in seen)
     return texts
+
+
+def _row_texts(row: Row) -> list[str]:
+    return [str(row[key]) for key in ("prompt", "solution", "answer") if row.get(key) is not None]

@@ -31,15 +31,25 @@ def is_complete_model_dir(path: str | Path) -> bool:
     return folder.is_dir() and all((folder / name).is_file() for name in REQUIRED_FILES)
 
 
-def train_tokenizer(corpus: Iterable[str], *, vocab_size: int = 512) -> Tokenizer:
+TOKENIZER_KINDS = ("bpe", "char")
+
+
+def train_tokenizer(corpus: Iterable[str], *, vocab_size: int = 512, kind: str = "bpe") -> Tokenizer:
     """Train a small BPE tokenizer in which every digit is its own token.
 
     Pre-tokenisation: a newline is always a token of its own (a turn ends there, so a token never
     straddles two turns), spaces become a visible marker attached to the next word (so ``decode``
     restores the text), digits are split one by one, punctuation is split off. BPE merges then
     only join letters, so numbers are always spelled digit by digit. Printable ASCII and newline
-    are in the alphabet even if the corpus lacks them; anything else maps to ``<unk>``.
+    are in the alphabet even if the corpus lacks them, and so is every other character of the
+    corpus; anything else maps to ``<unk>``.
+
+    ``kind="char"``: no merges at all, one token per character (the same alphabet), so a word is
+    spelled letter by letter; string tasks (reverse, sort or count letters) need it, since a word
+    piece hides its letters from the model.
     """
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer kind must be one of {TOKENIZER_KINDS}, got {kind!r}")
     tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -52,7 +62,7 @@ def train_tokenizer(corpus: Iterable[str], *, vocab_size: int = 512) -> Tokenize
     tokenizer.decoder = decoders.Metaspace(replacement=SPACE_MARKER, prepend_scheme="never")
     alphabet = [c for c in string.printable if c not in " \t\r\x0b\x0c"] + [SPACE_MARKER]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size if kind == "bpe" else 0,  # the alphabet alone leaves no room for merges
         min_frequency=2,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=alphabet,
@@ -110,13 +120,15 @@ def build_tiny_model(
     max_position_embeddings: int = 256,
     seed: int = 0,
     vocab_size: int = 512,
+    tokenizer_kind: str = "bpe",
 ) -> Path:
     """Build a tiny Llama + tokenizer into ``out_dir`` unless it already holds one; return ``out_dir``.
 
     Cached: a complete ``out_dir`` is returned untouched (the corpus is not even read). Atomic: the
     model is written to a temporary folder beside ``out_dir`` and renamed into place, so an
     interrupted build leaves no half-written ``out_dir``. Weight init is seeded by ``seed`` without
-    disturbing the caller's global RNG.
+    disturbing the caller's global RNG. ``tokenizer_kind`` is ``train_tokenizer``'s ``kind``: "bpe"
+    or "char" (one token per character).
     """
     target = Path(out_dir)
     if is_complete_model_dir(target):
@@ -130,7 +142,8 @@ def build_tiny_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
         tokenizer = wrap_tokenizer(
-            train_tokenizer(corpus, vocab_size=vocab_size), model_max_length=max_position_embeddings
+            train_tokenizer(corpus, vocab_size=vocab_size, kind=tokenizer_kind),
+            model_max_length=max_position_embeddings,
         )
         config = tiny_llama_config(
             tokenizer,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,6 +10,27 @@ from posttrain.data.trace import Episode, single_turn_trace
 from posttrain.rewards.functions import RewardTerm, score_completions
 from posttrain.rollout.collector import Rollout, encode_prompt, fraction, mean, std
 from posttrain.rollout.engine import FINISH_LENGTH, FINISH_STOP, RolloutEngine, SamplingParams
+
+# a longer reference value is cut in samples.jsonl (the dataset keeps it whole)
+MAX_REFERENCE_CHARS = 300
+
+
+def reference_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """The row's fields other than its prompt (answer, target, solution, ...), for samples.jsonl, so
+    a completion is read next to what it should have been. Numbers, booleans and short strings stay
+    as they are; longer strings, and lists or objects that print long, are cut to
+    ``MAX_REFERENCE_CHARS`` characters."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key == "prompt":
+            continue
+        if value is not None and not isinstance(value, str | int | float | bool):
+            text = json.dumps(value, default=str)
+            value = value if len(text) <= MAX_REFERENCE_CHARS else text
+        if isinstance(value, str) and len(value) > MAX_REFERENCE_CHARS:
+            value = value[:MAX_REFERENCE_CHARS] + "..."
+        out[key] = value
+    return out
 
 
 class SingleTurnCollector:
@@ -61,8 +83,10 @@ class SingleTurnCollector:
             "truncated_fraction": fraction([c.finish_reason == FINISH_LENGTH for c in completions]),
         }
         metrics.update({f"reward/{name}": mean(scores) for name, scores in per_fn.items()})
+        # each term's spread: one that never varies teaches nothing (train/watch.py warns)
+        metrics.update({f"reward_std/{name}": std(scores) for name, scores in per_fn.items()})
         samples = [
-            {"prompt": prompt, "completion": c.text, "reward": reward, "answer": row.get("answer")}
+            {"prompt": prompt, "completion": c.text, "reward": reward, "row": reference_fields(row)}
             for prompt, c, reward, row in zip(prompts, completions, rewards, sample_rows, strict=True)
         ]
         return Rollout(episodes, metrics, samples, sum(len(c.completion_ids) for c in completions))

@@ -6,13 +6,23 @@ with a message naming the key and the allowed values.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from posttrain.algorithms.presets import PRESETS, AlgorithmPreset, get_preset
+from posttrain.plugins import spec_of
 
 
 class Section(BaseModel):
@@ -20,10 +30,26 @@ class Section(BaseModel):
 
 
 class RunSettings(Section):
-    name: str = "demo"
+    name: str = Field(
+        "demo",
+        description="the run's folder inside output_dir: one folder name (no '/', '..' or leading '.')",
+    )
     output_dir: str = "runs"
     seed: int = 0
     num_threads: int = Field(1, ge=0, description="torch threads; 0 = torch's default")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, value: str) -> str:
+        """The run folder is ``output_dir/name`` and ``--overwrite`` deletes it: a name that is a path
+        (absolute, with separators or ``..``) would reach outside ``output_dir``, and a leading dot
+        names hidden folders such as ``output_dir/.cache`` (the embedded models)."""
+        if not value.strip() or "/" in value or "\\" in value or "\0" in value or value.startswith("."):
+            raise ValueError(
+                f"{value!r} must be one folder name inside run.output_dir: not empty, no '/' or "
+                "'\\', not starting with '.' (so no '..' or absolute path); put the folder in run.output_dir"
+            )
+        return value
 
 
 class LoraConfig(Section):
@@ -34,30 +60,135 @@ class LoraConfig(Section):
 
 
 class ModelConfig(Section):
-    path: str | None = Field(None, description="local HF causal LM; None = the embedded tiny model")
-    lora: LoraConfig | None = None
+    """The policy to train (and the critic's start): a local folder, a Hub model, or the embedded tiny one."""
+
+    # declared before the paths: their check reads it
+    hub: bool = Field(
+        False,
+        description="true: path / critic_path may name a Hugging Face Hub model, downloaded unless cached; "
+        "false: local folders only, nothing is asked of the Hub",
+    )
+    path: str | None = Field(
+        None,
+        description="HF causal LM folder (config.json, weights, tokenizer), or a Hub name with hub: true; "
+        "None = the embedded tiny model",
+    )
+    lora: LoraConfig | None = Field(None, description="low-rank adapters; None = full fine-tune")
     critic_path: str | None = Field(None, description="critic init; None = initialise from the policy")
-    tiny_hidden_size: int = 128
-    tiny_layers: int = 4
+    tiny_hidden_size: int = Field(128, ge=1, description="the embedded tiny model's width (path unset)")
+    tiny_layers: int = Field(4, ge=1, description="the embedded tiny model's depth (path unset)")
+    tiny_tokenizer: Literal["bpe", "char"] = Field(
+        "bpe",
+        description="the embedded tiny model's tokenizer (path unset), trained on the task's prompts, "
+        "solutions and answers: bpe = up to 512 tokens, every digit and punctuation mark its own token, "
+        "frequent letter runs merged into word pieces; char = one token per character, which short string "
+        "tasks (reversing, spelling, counting letters) need",
+    )
+
+    @field_validator("path", "critic_path")
+    @classmethod
+    def _loadable_folder(cls, value: str | None, info: Any) -> str | None:
+        """A folder that does not exist (or lacks weights or a tokenizer) fails here, at config load,
+        not after minutes of set-up or seconds of Hub requests."""
+        if value is not None:
+            from posttrain.models.load import check_model_folder  # heavy imports, only when needed
+
+            check_model_folder(value, hub=info.data.get("hub", False), tokenizer=info.field_name == "path")
+        return value
 
 
 class RewardFnConfig(Section):
-    fn: str
-    weight: float = 1.0
+    fn: str | Callable[..., Any] = Field(
+        description="a built-in name, 'package.module:function', 'path/to/file.py:function', "
+        "or (from Python) the function itself: (prompt, completion, **row) -> float"
+    )
+    weight: float = Field(1.0, allow_inf_nan=False)
+
+    @field_serializer("fn")
+    def _fn_as_spec(self, fn: str | Callable[..., Any]) -> str:
+        # a saved config names a callable by import path, so the run can be resumed and evaluated
+        return fn if isinstance(fn, str) else spec_of(fn)
+
+
+def _changed(section: BaseModel, name: str) -> bool:
+    """True when ``section.name`` differs from its default (a saved config repeats every default,
+    so this, not "was it written", tells a setting the user changed)."""
+    return getattr(section, name) != type(section).model_fields[name].default
 
 
 class DataConfig(Section):
-    task: str | None = Field("arithmetic", description="built-in task, used when `path` is not set")
-    task_options: dict[str, Any] = Field(default_factory=dict, description="the built-in task's settings")
-    path: str | None = Field(None, description="JSONL / Parquet / CSV file or saved HF dataset folder")
-    test_path: str | None = None
-    prompt_field: str = "prompt"
-    num_train: int = Field(
-        680, ge=1, description="the default arithmetic task has 900 prompts: 200 held out, 680 to train on"
+    """The rows to train and test on: a built-in task, or your dataset with its reward functions."""
+
+    task: str | None = Field(
+        "arithmetic",
+        description="built-in task; a dataset given by `path` replaces it (task then reads null)",
     )
-    num_test: int = Field(200, ge=1)
+    task_options: dict[str, Any] = Field(default_factory=dict, description="the built-in task's settings")
+    path: str | None = Field(
+        None,
+        description="your dataset: a JSONL / JSON / Parquet / CSV file or a saved HF dataset folder, one "
+        "row per prompt; every row is used unless num_train / num_test limit them",
+    )
+    test_path: str | None = Field(
+        None,
+        description="the test split from a file (path only); None = hold out test_fraction of path's rows",
+    )
+    test_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="share of path's rows held out as the test split, never trained on (seeded by run.seed); "
+        "used without test_path and num_test",
+    )
+    prompt_field: str = Field("prompt", description="the field holding a row's prompt (path only)")
+    solution_field: str = Field(
+        "solution",
+        description="the field holding a row's demonstration, the ideal completion the embedded model's "
+        "warm-start imitates (path only); rows without it are not imitated",
+    )
+    demonstrations_path: str | None = Field(
+        None,
+        description="the warm-start's demonstrations from a file of their own (rows with prompt_field and "
+        "solution_field; path only); RL then trains on every training row",
+    )
+    num_train: int | None = Field(
+        None,
+        ge=1,
+        description="training rows (warm-start and RL together); None = every row of path left after the "
+        "test split, or the built-in task's default (680)",
+    )
+    num_test: int | None = Field(
+        None,
+        ge=1,
+        description="test rows; None = every row of test_path, test_fraction of path's rows, or the "
+        "built-in task's default (200)",
+    )
     max_new_tokens: int | None = Field(None, ge=1, description="None = the task's default")
     reward_fns: list[RewardFnConfig] = Field(default_factory=list, description="empty = task default")
+
+    @model_validator(mode="after")
+    def _dataset_settings_act(self) -> DataConfig:
+        """A dataset replaces the built-in task (so a saved config names only what was used), and
+        settings of a dataset's split are refused where they would be ignored."""
+        if self.path is not None and self.task is not None:
+            if "task" in self.model_fields_set:
+                raise ValueError(
+                    f"data.task ({self.task!r}) and data.path are both set: a dataset given by data.path "
+                    "replaces the built-in task; drop data.task (or data.path)"
+                )
+            self.task = None
+        if self.path is None:
+            stray = [name for name in ("test_path", "demonstrations_path") if getattr(self, name) is not None]
+            stray += [n for n in ("test_fraction", "prompt_field", "solution_field") if _changed(self, n)]
+            if stray:
+                raise ValueError(
+                    f"data.{stray[0]} applies to a dataset given by data.path, but the run uses the built-in "
+                    f"task {self.task!r}; set data.path or drop data.{stray[0]}"
+                )
+        if _changed(self, "test_fraction") and (self.test_path is not None or self.num_test is not None):
+            other = "data.test_path" if self.test_path is not None else "data.num_test"
+            raise ValueError(f"data.test_fraction and {other} both size the test split; set only one of them")
+        return self
 
 
 class RolloutConfig(Section):
@@ -69,7 +200,12 @@ class RolloutConfig(Section):
         description="completions per step (TRL's generation batch size); when set, "
         "prompts_per_step = batch_size / group_size",
     )
-    temperature: float = Field(1.0, ge=0.0)
+    temperature: float = Field(
+        1.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="sampling temperature; 0 = greedy, warned about: no exploration, group advantages all 0",
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     stop: list[str] = Field(
@@ -273,7 +409,13 @@ class OptimConfig(Section):
     epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
     num_mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch")
     micro_batch_size: int = Field(64, ge=1, description="rows per forward/backward (accumulated)")
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    max_nonfinite_steps: int = Field(
+        3,
+        ge=1,
+        description="an update whose loss or gradient is NaN/inf is skipped (logged as skipped_updates); "
+        "this many RL steps in a row with every update skipped stop the run",
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     entropy_coef: float = Field(0.0, ge=0.0)
     vf_coef: float = Field(0.5, ge=0.0)
@@ -299,6 +441,20 @@ class WarmStartConfig(Section):
             "a negative answer without its minus sign), so the warm-started model has a systematic error for RL to fix; "
             "0 = imitate only correct solutions"
         ),
+    )
+    rows: Literal["split", "all"] | None = Field(
+        None,
+        description="the training rows the warm-start imitates. split: a share split_fraction of the rows "
+        "with a demonstration, and RL trains on the other rows, so RL learns on prompts the warm-start never "
+        "saw; all: every row with a demonstration, the same rows RL then trains on (it may memorise them); "
+        "None = split for a dataset (data.path), all for the built-in tasks (their demo's numbers). "
+        "A data.demonstrations_path file is a split of its own",
+    )
+    split_fraction: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="with rows: split, the warm-start's share of the rows with a demonstration",
     )
 
 
@@ -387,6 +543,34 @@ class TrainConfig(Section):
     def uses_env(self) -> bool:
         """True when the run collects multi-turn episodes from an environment."""
         return self.env_name() is not None
+
+    def warmstart_split(self) -> bool:
+        """True when the warm-start takes its own share of the training rows and RL the others:
+        ``warmstart.rows``, which defaults to split for a dataset and to all for a built-in task. A
+        ``data.demonstrations_path`` file is the warm-start's own already."""
+        rows = self.warmstart.rows or ("split" if self.data.path is not None else "all")
+        return rows == "split" and self.data.demonstrations_path is None
+
+    @model_validator(mode="after")
+    def _warmstart_rows_act(self) -> TrainConfig:
+        """The warm-start's row settings must act: refuse them where they would be ignored."""
+        if self.data.demonstrations_path is not None:
+            if self.warmstart.rows is not None:
+                raise ValueError(
+                    "warmstart.rows: the warm-start imitates the data.demonstrations_path file and RL trains "
+                    "on every training row; drop warmstart.rows (or data.demonstrations_path)"
+                )
+            if self.env_name() is not None:
+                raise ValueError(
+                    f"data.demonstrations_path: the environment {self.env_name()!r} writes the warm-start's "
+                    "demonstrations itself; drop data.demonstrations_path"
+                )
+        if _changed(self.warmstart, "split_fraction") and not self.warmstart_split():
+            raise ValueError(
+                "warmstart.split_fraction applies when the warm-start has its own rows (warmstart.rows: split, "
+                "the default for data.path); set warmstart.rows=split or drop warmstart.split_fraction"
+            )
+        return self
 
     def _check_env(self) -> None:
         """env.* settings must act: refuse them for a single-turn run instead of ignoring them; an

@@ -13,7 +13,14 @@ import torch
 from transformers import get_scheduler
 
 from posttrain.algorithms.kl import AdaptiveKLController, FixedKLController
-from posttrain.data.datasets import load_rows, task_from_rows
+from posttrain.data.datasets import (
+    DataError,
+    demonstration_rows,
+    hold_out,
+    load_rows,
+    split_rows,
+    task_from_rows,
+)
 from posttrain.data.tasks import Task, get_task, task_corpus
 from posttrain.envs.registry import env_factory
 from posttrain.models.critic import ValueModel
@@ -29,6 +36,7 @@ from posttrain.rollout.single_turn import SingleTurnCollector
 from posttrain.train.config import TrainConfig
 from posttrain.train.step import TrainState
 from posttrain.train.warmstart import Demonstration, DemonstrationSource, warm_start
+from posttrain.train.watch import warn_once
 
 
 def seed_everything(seed: int) -> None:
@@ -38,38 +46,144 @@ def seed_everything(seed: int) -> None:
 
 
 def build_task(cfg: TrainConfig) -> Task:
-    """The built-in task, or the user's dataset with the configured reward functions."""
+    """The built-in task, or the user's dataset with the configured reward functions; the
+    warm-start's rows split off the training rows where configured (``warmstart.rows``). Prints the
+    split's sizes."""
     data = cfg.data
-    specs = [RewardSpec(r.fn, r.weight) for r in data.reward_fns]
     if data.path is None:
-        assert data.task is not None
-        task = get_task(
-            data.task,
-            seed=cfg.run.seed,
-            num_train=data.num_train,
-            num_test=data.num_test,
-            **data.task_options,
-        )
-        if specs:
-            task.reward_fns = specs
+        task, note = _builtin_task(cfg), ""
+        origin = f"{task.name}: {len(task.train) + len(task.test)} rows"
     else:
-        if not specs and cfg.env.name is None:
-            raise ValueError(
-                "data.reward_fns: a dataset given by data.path needs at least one reward function "
-                "(or an environment, env.name, that scores its episodes)"
-            )
-        train_rows = load_rows(data.path, prompt_field=data.prompt_field, limit=data.num_train)
-        test_rows = (
-            load_rows(data.test_path, prompt_field=data.prompt_field, limit=data.num_test)
-            if data.test_path
-            else train_rows[: data.num_test]
-        )
-        task = task_from_rows(
-            train_rows, test_rows, specs, Path(data.path).stem, data.max_new_tokens or 64, env=cfg.env.name
-        )
+        task, count, note = _dataset_task(cfg)
+        origin = f"{data.path}: {count} rows"
     if data.max_new_tokens is not None:
         task.max_new_tokens = data.max_new_tokens
+    print(_sizes_line(cfg, task, origin) + note, flush=True)
     return task
+
+
+def _builtin_task(cfg: TrainConfig) -> Task:
+    data = cfg.data
+    assert data.task is not None
+    sizes = {"num_train": data.num_train, "num_test": data.num_test}
+    task = get_task(
+        data.task,
+        seed=cfg.run.seed,
+        **{key: value for key, value in sizes.items() if value is not None},  # None: the task's default
+        **data.task_options,
+    )
+    if data.reward_fns:
+        task.reward_fns = _reward_specs(cfg)
+    task.demonstrations, task.train, _ = _warmstart_and_rl_rows(cfg, task.train, f"task {task.name!r}")
+    return task
+
+
+def _dataset_task(cfg: TrainConfig) -> tuple[Task, int, str]:
+    """The task of ``data.path``, the number of rows in that file, and a note on its demonstrations."""
+    data = cfg.data
+    assert data.path is not None
+    specs = _reward_specs(cfg)
+    if not specs and cfg.env.name is None:
+        raise ValueError(
+            "data.reward_fns: a dataset given by data.path needs at least one reward function "
+            "(or an environment, env.name, that scores its episodes)"
+        )
+    rows = load_rows(data.path, prompt_field=data.prompt_field, config_key="data.path")
+    if data.test_path is not None:
+        train, test = (
+            rows,
+            load_rows(
+                data.test_path,
+                prompt_field=data.prompt_field,
+                limit=data.num_test,
+                config_key="data.test_path",
+            ),
+        )
+    else:
+        count = data.num_test or max(1, round(data.test_fraction * len(rows)))
+        train, test = hold_out(rows, count, cfg.run.seed, label=f"data.path {data.path!r}")
+    train = train[: data.num_train]  # None: every row
+    demonstrations, rl_rows, note = _warmstart_and_rl_rows(cfg, train, f"data.path {data.path!r}")
+    task = task_from_rows(
+        rl_rows,
+        test,
+        specs,
+        Path(data.path).stem,
+        data.max_new_tokens or 64,
+        env=cfg.env.name,
+        demonstrations=demonstrations,
+    )
+    return task, len(rows), note
+
+
+def _reward_specs(cfg: TrainConfig) -> list[RewardSpec]:
+    return [RewardSpec(r.fn, r.weight) for r in cfg.data.reward_fns]
+
+
+def _warm_start_runs(cfg: TrainConfig) -> bool:
+    """True when the run starts from the embedded model warm-started on demonstrations."""
+    return cfg.model.path is None and cfg.warmstart.steps > 0
+
+
+def _warmstart_and_rl_rows(
+    cfg: TrainConfig, rows: list[dict[str, Any]], label: str
+) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]], str]:
+    """(the warm-start's rows, RL's rows, a note) from the training ``rows``; None = ``rows`` themselves.
+
+    The warm-start imitates the rows with a demonstration (``data.solution_field``; an
+    environment's demonstrator writes one for every row), or the ``data.demonstrations_path`` file.
+    With ``warmstart.rows: split`` it takes a seeded share of them and RL trains on the other rows.
+    The note says how many rows have a demonstration when only some do."""
+    data = cfg.data
+    if data.demonstrations_path is not None:
+        loaded = load_rows(
+            data.demonstrations_path,
+            prompt_field=data.prompt_field,
+            required_fields=[data.solution_field],
+            config_key="data.demonstrations_path",
+        )
+        return demonstration_rows(loaded, data.solution_field, label="data.demonstrations_path")[1], rows, ""
+    if cfg.env_name() is not None:
+        indices, pool = list(range(len(rows))), list(rows)
+    else:
+        indices, pool = demonstration_rows(rows, data.solution_field, label=label)
+    note = ""
+    if pool and len(pool) < len(rows) and _warm_start_runs(cfg):
+        note = (
+            f"; only {len(pool)} of {len(rows)} training rows have a demonstration "
+            f"(data.solution_field {data.solution_field!r}): the warm-start's rows are among those"
+        )
+    if not (cfg.warmstart_split() and _warm_start_runs(cfg) and pool):
+        # a built-in task's rows are its demonstrations as they are (the demo's numbers stay put)
+        return (None if data.path is None else pool), rows, note
+    picked, _ = split_rows(pool, cfg.warmstart.split_fraction, cfg.run.seed)
+    taken = {indices[i] for i in picked}
+    rl_rows = [row for i, row in enumerate(rows) if i not in taken]
+    if not rl_rows:
+        raise DataError(
+            f"{label}: {len(rows)} training rows, all taken by the warm-start's split "
+            f"(warmstart.split_fraction {cfg.warmstart.split_fraction}), none left for RL; add rows, "
+            "or set warmstart.rows=all to warm-start on the rows RL trains on"
+        )
+    return [pool[i] for i in picked], rl_rows, note
+
+
+def _sizes_line(cfg: TrainConfig, task: Task, origin: str) -> str:
+    """``data: rows.jsonl: 2000 rows -> 900 warm-start, 900 RL, 200 test (held out)``, with a note
+    when only some training rows carry a demonstration."""
+    data = cfg.data
+    test_source = ""
+    if data.path is not None:
+        test_source = " (data.test_path)" if data.test_path else " (held out)"
+    rl, test = len(task.train), f"{len(task.test)} test{test_source}"
+    demos = task.warmstart_rows()
+    if not (_warm_start_runs(cfg) and demos):
+        return f"data: {origin} -> {rl} RL, {test}"
+    if data.demonstrations_path is not None:
+        return f"data: {origin} -> {rl} RL, {test}; warm-start: {len(demos)} rows of data.demonstrations_path"
+    if cfg.warmstart_split():
+        return f"data: {origin} -> {len(demos)} warm-start, {rl} RL, {test}"
+    return f"data: {origin} -> {rl} RL (the warm-start imitates {len(demos)} of them), {test}"
 
 
 def build_collector(
@@ -97,26 +211,30 @@ def build_collector(
 
 
 def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
-    """Build (once, cached) the tiny Llama and warm-start it on the task's solutions.
+    """Build (once, cached) the tiny Llama and warm-start it on the task's demonstrations
+    (``task.warmstart_rows()``); without any, warn that the model starts from random weights.
 
     The caches are keyed by the contents that shape them, so an edited dataset is never served a
-    stale model: the tokenizer by the task's texts, the warm-start also by its demonstrations, its
-    settings and the seed.
+    stale model: the tokenizer by the task's texts and its kind (``model.tiny_tokenizer``), the
+    warm-start also by its demonstrations, its settings and the seed.
     """
     corpus = task_corpus(task)
     name = cfg.env_name()
-    demonstrations: Any = [
-        [row.get(k) for k in ("prompt", "solution", "flawed_solution")] for row in task.train
-    ]
-    shape: dict[str, Any] = {"warmstart": cfg.warmstart.model_dump()}
+    rows = task.warmstart_rows()
+    demonstrations: Any = [[row.get(k) for k in ("prompt", "solution", "flawed_solution")] for row in rows]
+    # which rows the warm-start takes acts through `rows`, hashed below (and caches stay valid)
+    shape: dict[str, Any] = {"warmstart": cfg.warmstart.model_dump(exclude={"rows", "split_fraction"})}
     if name is not None:  # agent demonstrations depend on the whole task and the episode limits
         # the guard acts on RL rollouts only, so guarded and unguarded runs share one warm-start
-        demonstrations, shape["env"] = task.train, cfg.env.model_dump(exclude={"guard"}) | {"name": name}
-    base_key = _short_hash({"corpus": corpus, "tokenizer": TOKENIZER_VERSION})
+        demonstrations, shape["env"] = rows, cfg.env.model_dump(exclude={"guard"}) | {"name": name}
+    tokenizer: dict[str, Any] = {"tokenizer": TOKENIZER_VERSION}
+    if cfg.model.tiny_tokenizer != "bpe":  # the default's cache keys predate the option
+        tokenizer["kind"] = cfg.model.tiny_tokenizer
+    base_key = _short_hash({"corpus": corpus, **tokenizer})
     warm_key = _short_hash(
         {
             "corpus": corpus,
-            "tokenizer": TOKENIZER_VERSION,
+            **tokenizer,
             "rows": demonstrations,
             "seed": cfg.run.seed,
             **shape,
@@ -130,10 +248,19 @@ def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
         hidden_size=cfg.model.tiny_hidden_size,
         num_layers=cfg.model.tiny_layers,
         seed=cfg.run.seed,
+        tokenizer_kind=cfg.model.tiny_tokenizer,
     )
     source = scripted_demonstrations(cfg, task) if name is not None else None
-    if cfg.warmstart.steps == 0 or (source is None and not all("solution" in row for row in task.train)):
-        return base  # nothing to imitate: a dataset without solutions starts RL from the fresh model
+    if cfg.warmstart.steps == 0:
+        return base
+    if source is None and not any(row.get("solution") is not None for row in rows):
+        warn_once(
+            "no_demonstrations",
+            f"data.solution_field {cfg.data.solution_field!r} is in none of the rows: the embedded tiny model "
+            "starts from random weights and cannot learn; add demonstrations (data.solution_field / "
+            "data.demonstrations_path) or give model.path",
+        )
+        return base
     return warm_start(
         base,
         cache / f"warm-{size}-{warm_key}",
@@ -201,9 +328,9 @@ def build_state(
     lora = LoraSettings(**cfg.model.lora.model_dump()) if cfg.model.lora else None
     if lora is not None:
         lora.target_modules = tuple(lora.target_modules)
-    policy, tokenizer = load_policy(policy_path or model_path, lora=lora)
+    policy, tokenizer = load_policy(policy_path or model_path, lora=lora, hub=cfg.model.hub)
     needs_reference = preset.kl_placement != "none" and preset.kl_coef > 0
-    reference = ReferencePolicy.create(model_path, policy) if needs_reference else None
+    reference = ReferencePolicy.create(model_path, policy, hub=cfg.model.hub) if needs_reference else None
     critic_source = critic_path or cfg.model.critic_path or model_path
     critic = ValueModel.from_pretrained(critic_source) if preset.uses_critic else None
     optim = cfg.optim

@@ -73,12 +73,14 @@ def warm_start(
     progress: bool = True,
     source: DemonstrationSource | None = None,
 ) -> Path:
-    """Fine-tune ``base_path`` on ``task.train`` demonstrations for ``settings.steps`` steps (cached).
+    """Fine-tune ``base_path`` on demonstrations of ``task.warmstart_rows()`` (the task's own
+    demonstration rows, else its training rows) for ``settings.steps`` steps (cached).
 
-    By default a demonstration is a row's solution; a share ``settings.flawed_fraction`` of them
-    comes from the rows' flawed solutions, when the task has them: imitation then learns the flaw,
-    and RL against the verifier has something to correct. ``source`` replaces that with other
-    demonstrations of the sampled rows (a scripted agent's episodes, one per sub-trace).
+    By default a demonstration is a row's solution (rows without one are skipped); a share
+    ``settings.flawed_fraction`` of them comes from the rows' flawed solutions, when the task has
+    them: imitation then learns the flaw, and RL against the verifier has something to correct.
+    ``source`` replaces that with other demonstrations of the sampled rows (a scripted agent's
+    episodes, one per sub-trace).
     """
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
@@ -90,7 +92,11 @@ def warm_start(
     # cosine decay keeps the short stage stable
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=settings.steps)
     rng = random.Random(seed)
-    rows = list(task.train)
+    rows = list(task.warmstart_rows())
+    if source is None:
+        rows = [row for row in rows if row.get("solution") is not None]
+    if not rows:
+        raise ValueError(f"task {task.name!r} has no rows to warm-start on")
     bar = TrainProgress(settings.steps, enabled=progress, fields=(("sft_loss", "warm-start loss"),))
     bar.start()
     for step in range(settings.steps):
