@@ -669,3 +669,13 @@ def test_a_run_on_your_own_data_reports_what_it_used(tmp_path: Path, capsys) -> 
     assert saved["data"]["task"] is None and saved["data"]["path"] == str(data)
     samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["row"]["target"] == str(int(s["prompt"].split("+")[0]) + 1) for s in samples)
+
+
+def test_no_warm_start_and_no_model_warns_of_random_weights(tmp_path: Path, capsys) -> None:
+    cfg = _config(tmp_path, "warmstart.steps=0")
+    path = embedded_model_path(cfg, build_task(cfg))
+    assert path.name.startswith("tiny-")
+    assert (
+        "warning: warmstart.steps is 0 and model.path is not set: RL starts from the embedded tiny model's "
+        "random weights"
+    ) in capsys.readouterr().err

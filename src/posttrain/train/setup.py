@@ -252,6 +252,12 @@ def embedded_model_path(cfg: TrainConfig, task: Task) -> Path:
     )
     source = scripted_demonstrations(cfg, task) if name is not None else None
     if cfg.warmstart.steps == 0:
+        warn_once(
+            "random_weights",
+            "warmstart.steps is 0 and model.path is not set: RL starts from the embedded tiny model's random "
+            "weights, whose samples almost never earn a reward; give model.path or set warmstart.steps "
+            "(e.g. 1500) with demonstrations in the rows",
+        )
         return base
     if source is None and not any(row.get("solution") is not None for row in rows):
         warn_once(
