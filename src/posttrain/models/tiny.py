@@ -158,12 +158,13 @@ def build_tiny_model(
             model = LlamaForCausalLM(config)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            target.rmdir()  # empty (checked above); os.replace cannot overwrite a directory
         try:
+            if target.exists():
+                target.rmdir()  # empty (checked above); os.replace cannot overwrite a directory
             os.replace(staging, target)
         except OSError:
-            # Another process finished the same build first: keep its result.
+            # Another process finished the same build first (its rename landed between our check
+            # and our rmdir or rename): keep its result.
             if not is_complete_model_dir(target):
                 raise
     finally:
