@@ -120,3 +120,16 @@ def test_to_dict_round_trips_through_yaml():
     yaml = pytest.importorskip("yaml")
     for preset in PRESETS.values():
         assert type(preset)(**yaml.safe_load(yaml.safe_dump(preset.to_dict()))) == preset
+
+
+def test_another_function_starts_from_its_own_defaults_not_the_presets_kwargs():
+    grpo = get_preset("grpo")
+    # GRPO's clip range and group scale belong to ppo_clip and grpo: sapo and rloo take neither
+    assert grpo.with_overrides(policy_loss="sapo").loss_kwargs == {}
+    assert grpo.with_overrides(advantage="rloo").advantage_kwargs == {}
+    assert grpo.with_overrides(policy_loss="sapo", loss_kwargs={"tau_pos": 2.0}).loss_kwargs == {
+        "tau_pos": 2.0
+    }
+    # the same function named again keeps the preset's values under the user's
+    same = grpo.with_overrides(policy_loss="ppo_clip", loss_kwargs={"clip_high": 0.3})
+    assert same.loss_kwargs == {"clip_low": 0.2, "clip_high": 0.3}

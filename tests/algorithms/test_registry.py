@@ -197,3 +197,29 @@ def test_built_in_advantage_ignores_batch_fields_it_does_not_use() -> None:
     # leave-one-out: row 0 scores 1 - 0 = 1, row 1 scores 0 - 1 = -1
     torch.testing.assert_close(advantages, torch.tensor([[0.0, 1.0], [0.0, -1.0]]))
     torch.testing.assert_close(returns, advantages)
+
+
+def test_hyperparameters_are_the_keyword_only_non_tensor_parameters() -> None:
+    # tensors (values, group_ids, bootstrap_values, ...) are batch fields, not settings
+    assert ADVANTAGES.hyperparameters("gae") == {"gamma": float, "lam": float, "whiten": bool}
+    assert set(POLICY_LOSSES.hyperparameters("ppo_clip")) == {
+        "clip_low",
+        "clip_high",
+        "dual_clip",
+        "log_ratio_clamp",
+    }
+    assert KL_ESTIMATORS.hyperparameters("k3") == {}
+    assert "num_tokens" not in AGGREGATIONS.hyperparameters("token-mean")  # a count that may be a tensor
+
+
+def test_hyperparameters_of_unannotated_functions_are_any(registry: Registry) -> None:
+    from typing import Any
+
+    assert registry.hyperparameters("scale") == {"factor": float, "offset": float}
+    reg = Registry("widget")
+    reg.register("bare")(lambda values, *, k=1, mask: values)
+    assert reg.hyperparameters("bare") == {"k": Any, "mask": Any}
+    with pytest.raises(
+        TypeError, match=r"widget 'bare' got unknown hyper-parameter\(s\) \['j'\]; allowed: \['k', 'mask'\]"
+    ):
+        reg.check_hyperparameters("bare", {"j": 1})

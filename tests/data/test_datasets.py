@@ -10,6 +10,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from posttrain.data.datasets import (
     SUPPORTED_EXTENSIONS,
@@ -319,3 +321,71 @@ def test_demonstration_rows_takes_the_configured_field_as_text() -> None:
         DataError, match=r"row 0 of rows\.jsonl: the demonstration \(field 'target'\) is a list"
     ):
         demonstration_rows([{"prompt": "a", "target": [1]}], "target", label="rows.jsonl")
+
+
+# ---------------------------------------------------------------- bad input: garbage is named, never a raw parser error
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n')
+    assert load_rows(path) == [{"prompt": "a"}]
+
+
+def test_an_unreadable_csv_is_reported_once_not_also_by_the_datasets_log(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b'prompt,answer\n"open,1\nb,2\n')
+    with pytest.raises(DataError, match=r"could not read .*rows\.csv' as csv: ParserError"):
+        load_rows(path)
+    assert "Failed to read file" not in capfd.readouterr().err
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["prompt", "answer"]) | st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_json_files = (
+    st.binary(max_size=120)
+    | st.lists(_json_values, max_size=5).map(lambda values: "\n".join(map(json.dumps, values)).encode())
+    | st.lists(_json_values, max_size=4).map(lambda values: json.dumps(values).encode())
+)
+_table_files = st.binary(max_size=120) | st.text(alphabet='prompt,ans"\n\r x1é', max_size=80).map(str.encode)
+
+
+def _rows_or_named_data_error(path: Path) -> None:
+    """The property: rows with a text prompt each, or a DataError that names the file."""
+    try:
+        rows = load_rows(path)
+    except DataError as error:
+        assert path.name in str(error)
+        return
+    assert rows and all(isinstance(row["prompt"], str) and row["prompt"].strip() for row in rows)
+
+
+_NO_FIXTURE_CHECK = [HealthCheck.function_scoped_fixture]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=_NO_FIXTURE_CHECK)
+@given(suffix=st.sampled_from([".jsonl", ".json"]), data=_json_files)
+def test_fuzz_json_files_give_rows_or_a_data_error_naming_the_file(
+    tmp_path: Path, suffix: str, data: bytes
+) -> None:
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(data)
+    _rows_or_named_data_error(path)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=_NO_FIXTURE_CHECK)
+@given(suffix=st.sampled_from([".csv", ".parquet"]), data=_table_files)
+def test_fuzz_table_files_give_rows_or_a_data_error_naming_the_file(
+    tmp_path: Path, suffix: str, data: bytes
+) -> None:
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(data)
+    _rows_or_named_data_error(path)

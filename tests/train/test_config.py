@@ -1,7 +1,16 @@
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from posttrain.train.config import ConfigError, TrainConfig, load_config, parse_overrides
+from posttrain.train.config import (
+    ConfigError,
+    GuardConfig,
+    GuardRuleConfig,
+    TrainConfig,
+    load_config,
+    parse_overrides,
+)
 
 
 def test_defaults_validate_and_resolve_the_preset():
@@ -116,7 +125,10 @@ def test_guard_settings_are_validated_at_load(tmp_path) -> None:
     judged = load_config(None, [*agent, f"env.guard={{judge: {{kind: callable, fn: '{judge_file}:judge'}}}}"])
     assert judged.env.guard.build().judge.__name__ == "judge"
     cases = [
-        ("env.guard={rules: [{name: r, pattern: '('}]}", r"rule 'r'.*not a regex"),
+        (
+            "env.guard={rules: [{name: r, pattern: '('}]}",
+            r"env\.guard\.rules\.0\.pattern: '\(' is not a regular",
+        ),
         ("env.guard={default_rules: false}", "env.guard has no rules"),
         ("env.guard={decoy: nothing}", "env.guard.decoy"),
         ("env.guard={decoy: text}", "decoy_text"),
@@ -226,3 +238,218 @@ def test_warm_start_split_defaults_to_datasets_only() -> None:
     assert load_config(None, ["warmstart.rows=split"]).warmstart_split()
     assert not load_config(None, ["data.path=x.jsonl", "warmstart.rows=all"]).warmstart_split()
     assert not load_config(None, ["data.path=x.jsonl", "data.demonstrations_path=d.jsonl"]).warmstart_split()
+
+
+# ---------------------------------------------------------------- bad input: values that act, files that parse
+
+
+def test_every_preset_and_function_switch_loads_with_its_own_hyper_parameters() -> None:
+    from posttrain.algorithms.presets import PRESETS
+
+    for name in PRESETS:
+        assert load_config(None, [f"algorithm={name}"]).preset().name == name
+    # the preset's clip range belongs to ppo_clip: switching the loss starts from the new one's defaults
+    switched = load_config(None, ["algo.policy_loss=sapo", "algo.advantage=rloo"]).preset()
+    assert (switched.loss_kwargs, switched.advantage_kwargs) == ({}, {})
+    tuned = load_config(None, ["algo.policy_loss=sapo", "algo.loss_kwargs={tau_neg: 2}"]).preset()
+    assert tuned.loss_kwargs == {"tau_neg": 2}
+    assert (
+        load_config(None, ["algo.loss_kwargs={dual_clip: 3, clip_low: 1}"]).preset().loss_kwargs["dual_clip"]
+        == 3
+    )
+
+
+def test_kl_settings_that_act_still_load() -> None:
+    assert (
+        load_config(None, ["algorithm=dr_grpo", "algo.kl_placement=loss", "algo.kl_coef=0.1"])
+        .preset()
+        .kl_coef
+        == 0.1
+    )
+    assert load_config(None, ["algo.kl_coef=0"]).preset().kl_coef == 0.0  # the way to turn the KL off
+    assert load_config(None, ["algo.kl_placement=none"]).preset().kl_placement == "none"
+    assert (
+        load_config(None, ["algo.kl_estimator=k2", "optim.adaptive_kl_target=0.1"]).preset().kl_estimator
+        == "k2"
+    )
+
+
+def test_every_float_setting_refuses_inf_and_nan() -> None:
+    from pydantic import BaseModel
+
+    def floats(model: type[BaseModel], prefix: str) -> list[str]:
+        keys = []
+        for name, field in model.model_fields.items():
+            inner = getattr(field.annotation, "model_fields", None)
+            if inner is not None:
+                keys += floats(field.annotation, f"{prefix}{name}.")
+            elif "float" in str(field.annotation):
+                keys.append(prefix + name)
+        return keys
+
+    keys = floats(TrainConfig, "")
+    assert {"optim.lr", "eval.temperature", "algo.kl_coef", "rollout.temperature"} <= set(keys)
+    for key in keys:
+        for bad in (".inf", "-.inf", ".nan"):
+            with pytest.raises(ConfigError, match=rf"{key}: must be a finite number \(not inf or NaN\)"):
+                load_config(
+                    None,
+                    [f"{key}={bad}", "data.path=x.jsonl"] if key.startswith("data.") else [f"{key}={bad}"],
+                )
+
+
+def test_yaml_merge_keys_and_a_byte_order_mark_are_fine(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    # a << merge may be overridden (not a duplicate key); an editor's BOM is not content
+    path.write_bytes(
+        b"\xef\xbb\xbfshared: &r {group_size: 4, temperature: 0.7}\nrollout:\n  <<: *r\n  group_size: 6\n"
+    )
+    with pytest.raises(ConfigError, match=r"shared: unknown key"):
+        load_config(path)
+    path.write_bytes(b"\xef\xbb\xbfrollout: &r\n  group_size: 6\n")
+    assert load_config(path).rollout.group_size == 6
+    path.write_text("# nothing but a comment\n")
+    assert load_config(path) == TrainConfig()
+
+
+def test_a_dataset_takes_no_task_options() -> None:
+    with pytest.raises(
+        ConfigError, match=r"data\.task_options applies to a built-in task, but data\.path gives"
+    ):
+        load_config(None, ["data.path=x.jsonl", "data.task_options={ops: '+'}"])
+    assert load_config(None, ["data.task_options={ops: '+'}"]).data.task_options == {"ops": "+"}
+
+
+# ---------------------------------------------------------------- fuzzing: a TrainConfig or a ConfigError, never a crash
+
+_SECTIONS = {
+    name: list(getattr(f.annotation, "model_fields", {})) for name, f in TrainConfig.model_fields.items()
+}
+_WORDS = [
+    "grpo",
+    "ppo",
+    "gspo",
+    "cispo",
+    "sapo",
+    "rloo",
+    "gae",
+    "key_chain",
+    "arithmetic",
+    "math",
+    "loss",
+    "reward",
+    "none",
+    "k1",
+    "token-mean",
+    "episode-mean",
+    "deny",
+    "suspect",
+    "char",
+    "x.jsonl",
+    "group",
+    "split",
+    "rule",
+    "arithmetic_exact",
+    "[a-",
+    "x+",
+    "seed",
+    "clip_low",
+]
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 10)
+    | st.integers()
+    | st.floats()
+    | st.sampled_from(_WORDS)
+    | st.text(max_size=6)
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=4) | st.sampled_from(_WORDS), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_HYPER = ["clip_low", "clip_high", "dual_clip", "gamma", "lam", "whiten", "scale", "epsilon", "tau", "bogus"]
+_SPECIAL = {
+    ("algo", "loss_kwargs"): st.dictionaries(st.sampled_from(_HYPER), _scalars, max_size=3),
+    ("algo", "advantage_kwargs"): st.dictionaries(st.sampled_from(_HYPER), _scalars, max_size=3),
+    ("data", "task_options"): st.dictionaries(
+        st.sampled_from(["ops", "max_operand", "templates", "seed", "x"]), _values, max_size=2
+    ),
+    ("data", "reward_fns"): st.lists(
+        st.dictionaries(st.sampled_from(["fn", "weight", "x"]), _scalars, max_size=2), max_size=2
+    ),
+    ("env", "guard"): st.none()
+    | st.dictionaries(
+        st.sampled_from(list(GuardConfig.model_fields)),
+        _scalars
+        | st.lists(
+            st.dictionaries(st.sampled_from(list(GuardRuleConfig.model_fields)), _scalars, max_size=4),
+            max_size=2,
+        ),
+        max_size=3,
+    ),
+}
+
+
+def _section(name: str) -> st.SearchStrategy:
+    """Some of a section's real keys (plus a stray one), each with a random value."""
+    if not _SECTIONS[name]:  # a plain key such as `algorithm`
+        return _values
+    keys = st.sampled_from([*_SECTIONS[name], "typo"])
+    return st.lists(keys, max_size=4, unique=True).flatmap(
+        lambda names: st.fixed_dictionaries({k: _SPECIAL.get((name, k), _values) for k in names})
+    )
+
+
+_trees = st.lists(st.sampled_from([*_SECTIONS, "extra"]), max_size=4, unique=True).flatmap(
+    lambda names: st.fixed_dictionaries({n: _section(n) if n in _SECTIONS else _values for n in names})
+)
+_FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _config_or_config_error(load) -> None:
+    try:
+        config = load()
+    except ConfigError:
+        return
+    assert isinstance(config, TrainConfig)
+
+
+@_FUZZ
+@given(tree=_trees)
+def test_fuzz_any_nested_config_is_loaded_or_refused_with_a_config_error(tmp_path, tree) -> None:
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    _config_or_config_error(lambda: load_config(path))
+
+
+@_FUZZ
+@given(data=st.binary(max_size=160) | st.text(max_size=160).map(str.encode))
+def test_fuzz_any_file_is_loaded_or_refused_with_a_config_error(tmp_path, data) -> None:
+    path = tmp_path / "fuzz.yaml"
+    path.write_bytes(data)
+    _config_or_config_error(lambda: load_config(path))
+
+
+@_FUZZ
+@given(
+    items=st.lists(
+        st.tuples(
+            st.lists(st.sampled_from([*_SECTIONS, *_WORDS]) | st.text(max_size=4), min_size=1, max_size=3),
+            _values | st.text(),
+        ),
+        max_size=4,
+    )
+)
+def test_fuzz_any_set_items_are_applied_or_refused_with_a_config_error(items) -> None:
+    overrides = [
+        ".".join(keys)
+        + "="
+        + (value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip())
+        for keys, value in items
+    ]
+    _config_or_config_error(lambda: load_config(None, overrides))

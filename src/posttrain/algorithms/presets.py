@@ -38,14 +38,16 @@ class AlgorithmPreset:
         return asdict(self)
 
     def with_overrides(self, **overrides: Any) -> AlgorithmPreset:
-        """A copy with fields replaced; ``*_kwargs`` dicts are merged into the preset's own."""
+        """A copy with fields replaced; ``*_kwargs`` dicts are merged into the preset's own, unless
+        the override picks another function: the preset's hyper-parameters belong to its own function
+        (GRPO's ``scale`` means nothing to ``rloo``), so another one starts from its defaults."""
         unknown = sorted(set(overrides) - set(asdict(self)))
         if unknown:
             raise KeyError(f"unknown preset field(s) {unknown}; allowed: {sorted(asdict(self))}")
         merged = dict(overrides)
-        for key in ("advantage_kwargs", "loss_kwargs"):
-            if key in merged and merged[key] is not None:
-                merged[key] = {**getattr(self, key), **merged[key]}
+        for key, function in (("advantage_kwargs", "advantage"), ("loss_kwargs", "policy_loss")):
+            same_function = merged.get(function) in (None, getattr(self, function))
+            merged[key] = {**(getattr(self, key) if same_function else {}), **(merged.get(key) or {})}
         return replace(self, **{k: v for k, v in merged.items() if v is not None})
 
 

@@ -7,10 +7,20 @@ is just a choice of names plus hyper-parameters, and configs can refer to them a
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+import torch
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _mentions_tensor(hint: Any) -> bool:
+    """True for ``Tensor``, ``Tensor | None`` and other hints with a tensor inside (also as text)."""
+    if isinstance(hint, str):
+        return "Tensor" in hint
+    return hint is torch.Tensor or any(_mentions_tensor(arg) for arg in typing.get_args(hint))
 
 
 class Registry:
@@ -43,6 +53,31 @@ class Registry:
     def __contains__(self, name: object) -> bool:
         return name in self._functions
 
+    def hyperparameters(self, name: str) -> dict[str, Any]:
+        """The settings a config may give ``name``, each with its type hint (``Any`` if none): its
+        keyword-only parameters that are not tensors (tensors such as ``values`` or ``group_ids``
+        are batch fields, passed by ``call`` from the data)."""
+        fn = self.get(name)
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:  # an annotation that does not resolve (a plugin's): judged by its text
+            hints = {}
+        found = {}
+        for param in inspect.signature(fn).parameters.values():
+            hint = hints.get(param.name, param.annotation)
+            if param.kind is param.KEYWORD_ONLY and not _mentions_tensor(hint):
+                found[param.name] = Any if hint is param.empty or isinstance(hint, str) else hint
+        return found
+
+    def check_hyperparameters(self, name: str, hparams: Mapping[str, Any]) -> None:
+        """Raise ``TypeError`` naming the ``hparams`` that ``name`` does not take and those it does."""
+        allowed = self.hyperparameters(name)
+        unknown = sorted(set(hparams) - set(allowed))
+        if unknown:
+            raise TypeError(
+                f"{self.kind} {name!r} got unknown hyper-parameter(s) {unknown}; allowed: {sorted(allowed)}"
+            )
+
     def call(self, name: str, data: Mapping[str, Any], hparams: Mapping[str, Any] | None = None) -> Any:
         """Call ``name`` with the batch fields it declares and the given hyper-parameters.
 
@@ -54,12 +89,7 @@ class Registry:
         fn = self.get(name)
         params = inspect.signature(fn).parameters
         hparams = dict(hparams or {})
-        unknown = sorted(set(hparams) - set(params))
-        if unknown:
-            allowed = sorted(p for p in params if p not in data)
-            raise TypeError(
-                f"{self.kind} {name!r} got unknown hyper-parameter(s) {unknown}; allowed: {allowed}"
-            )
+        self.check_hyperparameters(name, hparams)
         kwargs = {k: v for k, v in data.items() if k in params}
         kwargs.update(hparams)
         return fn(**kwargs)

@@ -2,11 +2,84 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 CRITIC_FREE_ALGOS = ("grpo", "rloo", "batch_mean", "ema", "none")
 ALGOS = ("ppo", *CRITIC_FREE_ALGOS)
+GROUP_ALGOS = ("grpo", "rloo")  # a group baseline: one episode per group gives every advantage 0
+RETURN_MODES = ("episode", "to_go")
+
+
+def is_count(value: Any) -> bool:
+    """True for a whole number >= 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value: Any) -> bool:
+    return _number(value) and value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return _number(value) and value >= 0
+
+
+def _unit(value: Any) -> bool:
+    return _number(value) and 0 <= value <= 1
+
+
+# field -> (test, what it must be): a run with nonsense settings fails when it is configured, not
+# after minutes of environment steps (or, worse, runs and reports a meaningless curve)
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "algo": (lambda v: v in ALGOS, f"one of {list(ALGOS)}"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"),
+    "return_mode": (lambda v: v in RETURN_MODES, f"one of {list(RETURN_MODES)}"),
+    "lr": (_positive, "a finite number > 0"),
+    "clip": (_positive, "a finite number > 0 (the PPO clip range)"),
+    "clip_value": (lambda v: v is None or _positive(v), "a finite number > 0, or None (no value clipping)"),
+    "max_grad_norm": (_positive, "a finite number > 0"),
+    "ent_coef": (_non_negative, "a finite number >= 0"),
+    "vf_coef": (_non_negative, "a finite number >= 0"),
+    "gamma": (_unit, "in [0, 1] (a discount)"),
+    "lam": (_unit, "in [0, 1] (GAE's lambda)"),
+    "episode_gamma": (lambda v: v is None or _unit(v), "in [0, 1], or None"),
+    "ema_decay": (_unit, "in [0, 1]"),
+    **{
+        name: (is_count, "a whole number >= 1")
+        for name in (
+            "total_steps",
+            "num_envs",
+            "rollout_steps",
+            "epochs",
+            "minibatches",
+            "hidden",
+            "group_size",
+            "num_groups",
+            "min_batch_steps",
+            "final_window",
+        )
+    },
+}
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise ``ValueError`` naming the first setting of ``config`` that makes no sense, and why."""
+    for item in fields(config):
+        test, expected = _RULES.get(item.name, (None, ""))
+        value = getattr(config, item.name)
+        if test is not None and not test(value):
+            raise ValueError(f"classic setting {item.name} must be {expected}, got {value!r}")
+    if config.algo in GROUP_ALGOS and config.group_size < 2:
+        raise ValueError(
+            f"classic setting group_size must be >= 2 for {config.algo!r} (a group of one episode has "
+            f"no baseline: every advantage is 0), got {config.group_size}"
+        )
 
 
 @dataclass(frozen=True)
@@ -48,6 +121,9 @@ class TrainConfig:
     ema_decay: float = 0.9
     final_window: int = 20  # final return = mean of the last this many episodes
 
+    def __post_init__(self) -> None:
+        check_config(self)
+
     def critic_free_gamma(self) -> float:
         """Whole-episode returns are undiscounted by default, returns-to-go use ``gamma``."""
         if self.episode_gamma is not None:
@@ -82,7 +158,7 @@ def make_config(env_id: str, algo: str, **overrides: Any) -> TrainConfig:
         raise ValueError(f"unknown algo {algo!r}; choose one of {ALGOS}")
     values = dict(ENV_DEFAULTS.get(env_id, {}))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return replace(TrainConfig(env_id=env_id, algo=algo), **values)
+    return TrainConfig(env_id=env_id, algo=algo, **values)
 
 
 @dataclass

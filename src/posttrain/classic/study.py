@@ -24,14 +24,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from posttrain.classic.config import ALGOS, RunResult, TrainConfig, make_config
+from posttrain.classic.config import ALGOS, ENV_DEFAULTS, RunResult, TrainConfig, is_count, make_config
 
 MODIFIERS: dict[str, dict[str, Any]] = {"togo": {"return_mode": "to_go"}, "random": {"same_start": False}}
 
 
 def parse_arm(arm: str) -> tuple[str, dict[str, Any]]:
     """``"grpo:togo:random@0.9"`` -> ("grpo", {return_mode, same_start, gamma overrides})."""
-    spec, _, gamma = arm.partition("@")
+    spec, at, gamma = arm.partition("@")
     algo, *mods = spec.split(":")
     if algo not in ALGOS:
         raise ValueError(f"unknown algo {algo!r} in arm {arm!r}; choose one of {ALGOS}")
@@ -40,8 +40,14 @@ def parse_arm(arm: str) -> tuple[str, dict[str, Any]]:
         if mod not in MODIFIERS:
             raise ValueError(f"unknown modifier {mod!r} in arm {arm!r}; choose from {sorted(MODIFIERS)}")
         overrides.update(MODIFIERS[mod])
-    if gamma:
-        overrides["gamma"] = overrides["episode_gamma"] = float(gamma)
+    if at:
+        try:
+            value = float(gamma)
+        except ValueError:
+            raise ValueError(
+                f"arm {arm!r}: '@' must be followed by a discount in [0, 1], e.g. grpo@0.99; got {gamma!r}"
+            ) from None
+        overrides["gamma"] = overrides["episode_gamma"] = value
     return algo, overrides
 
 
@@ -111,20 +117,25 @@ def run_study(
     ``progress`` (rich progress bar, default True), and any ``TrainConfig`` field as an override
     (``group_size``, ``num_groups``, ``lr``, ...; None keeps the per-environment default).
     """
-    workers = int(options.pop("workers", 1) or 1)
+    workers = options.pop("workers", None)
+    workers = 1 if workers is None else workers
     gammas = options.pop("gammas", None)
     show_progress = bool(options.pop("progress", True))
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown study option(s) {unknown}")
+    check_study(env_id, algos, seeds, steps, workers)
     jobs: list[tuple[TrainConfig, str]] = []
     for arm in expand_arms(algos, gammas):
         algo, arm_overrides = parse_arm(arm)
         for seed in range(seeds):
-            config = make_config(
-                env_id, algo, **{**options, **arm_overrides, "seed": seed, "total_steps": steps}
-            )
+            try:
+                config = make_config(
+                    env_id, algo, **{**options, **arm_overrides, "seed": seed, "total_steps": steps}
+                )
+            except ValueError as error:  # say which arm's setting it is (e.g. the discount of grpo@1.5)
+                raise ValueError(f"arm {arm!r}: {error}") from None
             jobs.append((config, arm))
     runs = _execute(jobs, steps, workers, show_progress)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,6 +149,29 @@ def run_study(
     )
     write_outputs(result, steps)
     return result
+
+
+def check_study(env_id: str, algos: list[str], seeds: int, steps: int, workers: int) -> None:
+    """Raise ``ValueError`` for a study that would run nothing (0 seeds, 0 steps, no arm: it would
+    still overwrite the results already in its folder) or an environment gymnasium does not know."""
+    counts = (
+        ("seeds", "--seeds", seeds, "runs per arm"),
+        ("steps", "--steps", steps, "environment steps per run"),
+        ("workers", "--workers", workers, "parallel processes"),
+    )
+    for name, flag, value, meaning in counts:
+        if not is_count(value):
+            raise ValueError(f"{name} ({flag}) must be a whole number >= 1 ({meaning}), got {value!r}")
+    if not algos:
+        raise ValueError("no arm to run: give --algos, e.g. ppo,grpo,rloo")
+    import gymnasium as gym
+
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as error:
+        raise ValueError(
+            f"unknown environment {env_id!r} (--env): {error} Known here: {', '.join(ENV_DEFAULTS)}"
+        ) from None
 
 
 def _execute(jobs: list[tuple[TrainConfig, str]], steps: int, workers: int, show: bool) -> list[RunResult]:
@@ -286,7 +320,16 @@ def print_table(result: StudyResult, console: Console | None = None) -> None:
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+    """``--gammas 0.9,0.99`` -> [0.9, 0.99]; argparse reports a bad list with this message."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated discounts such as 0.9,0.99,1.0; got {text!r}"
+        )
+    return values
 
 
 def add_classic_arguments(parser: argparse.ArgumentParser) -> None:

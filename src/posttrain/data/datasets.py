@@ -59,16 +59,20 @@ _Table = tuple[list[str], list[dict], list[int] | None]
 
 @contextmanager
 def _quiet_progress_bars() -> Iterator[None]:
-    """Loading a few thousand rows should not print progress bars into the trainer's output."""
-    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+    """Loading a few thousand rows should not print progress bars into the trainer's output, nor
+    `datasets`' own log line about a file it cannot read (the DataError says it once, better)."""
+    from datasets.utils import logging as datasets_logging
 
-    was_enabled = is_progress_bar_enabled()
-    disable_progress_bar()
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    verbosity = datasets_logging.get_verbosity()
+    datasets_logging.disable_progress_bar()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
     try:
         yield
     finally:
+        datasets_logging.set_verbosity(verbosity)
         if was_enabled:
-            enable_progress_bar()
+            datasets_logging.enable_progress_bar()
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -84,7 +88,7 @@ def _root_cause(error: BaseException) -> BaseException:
 def _decode_utf8(path: Path, label: str) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (some editors write one) is not data
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise DataError(
@@ -110,6 +114,13 @@ def _object_or_error(value: Any, where: str, label: str) -> dict:
 def _read_json(path: Path, label: str) -> _Table:
     """A JSON array of objects, or JSON lines (one object per line; blank lines are skipped)."""
     text = _decode_utf8(path, label)
+    try:
+        return _parse_json(text, label)
+    except RecursionError:  # json's parser recurses once per [ or {
+        raise DataError(f"{label}: nested too deeply to hold rows (one JSON object per row)") from None
+
+
+def _parse_json(text: str, label: str) -> _Table:
     if text.lstrip().startswith("["):
         try:
             values = json.loads(text)
@@ -133,11 +144,24 @@ def _read_json(path: Path, label: str) -> _Table:
     return _table(rows, lines)
 
 
+# what to check when the `datasets` library cannot read a file
+_READ_HINTS = {
+    "csv": "; a CSV file needs a header line and the same number of comma-separated fields on every "
+    "line (quote a field that holds a comma)",
+    "parquet": "; write it with pandas.DataFrame.to_parquet or Dataset.to_parquet",
+}
+
+
 def _read_with_datasets(path: Path, builder: str, split: str, label: str) -> _Table:
     import datasets
 
     if path.stat().st_size == 0:
         return [], [], None
+    if builder == "csv":
+        # read here first: a bad byte is named by its line, and a header alone has no rows
+        lines = [line for line in _decode_utf8(path, label).splitlines() if line.strip()]
+        if len(lines) <= 1:
+            return lines[0].split(",") if lines else [], [], None
     # A private cache: the rows are materialised as Python objects before it is removed, and the
     # user's shared cache is not filled with copies of small local files.
     with tempfile.TemporaryDirectory(prefix="posttrain-dataset-") as cache_dir:
@@ -147,7 +171,10 @@ def _read_with_datasets(path: Path, builder: str, split: str, label: str) -> _Ta
             )
         except Exception as error:
             root = _root_cause(error)
-            raise DataError(f"could not read {label} as {builder}: {type(root).__name__}: {root}") from error
+            hint = _READ_HINTS.get(builder, "")
+            raise DataError(
+                f"could not read {label} as {builder}: {type(root).__name__}: {str(root).strip().rstrip('.')}{hint}"
+            ) from error
         return dataset.column_names, dataset.to_list(), None
 
 

@@ -6,11 +6,11 @@ with a message naming the key and the allowed values.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,10 +23,20 @@ from pydantic import (
 
 from posttrain.algorithms.presets import PRESETS, AlgorithmPreset, get_preset
 from posttrain.plugins import spec_of
+from posttrain.train.config_input import (
+    ConfigError,
+    format_validation_error,
+    merge_trees,
+    parse_overrides,
+    read_yaml_file,
+)
+from posttrain.train.hyperparameters import check_hyperparameters
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every float setting is a finite number: an inf learning rate or a NaN weight would only show
+    # up as NaN weights after the run started
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunSettings(Section):
@@ -102,7 +112,18 @@ class RewardFnConfig(Section):
         description="a built-in name, 'package.module:function', 'path/to/file.py:function', "
         "or (from Python) the function itself: (prompt, completion, **row) -> float"
     )
-    weight: float = Field(1.0, allow_inf_nan=False)
+    weight: float = 1.0
+
+    @field_validator("fn")
+    @classmethod
+    def _known_builtin(cls, fn: str | Callable[..., Any]) -> str | Callable[..., Any]:
+        """A name without ':' must be a built-in reward: checked now, as it imports nothing (an import
+        path is imported, and checked, when the run builds its task)."""
+        if isinstance(fn, str) and ":" not in fn:
+            from posttrain.rewards.functions import resolve_reward_fn
+
+            resolve_reward_fn(fn)  # a RewardSpecError (a ValueError) listing the built-in names
+        return fn
 
     @field_serializer("fn")
     def _fn_as_spec(self, fn: str | Callable[..., Any]) -> str:
@@ -188,7 +209,40 @@ class DataConfig(Section):
         if _changed(self, "test_fraction") and (self.test_path is not None or self.num_test is not None):
             other = "data.test_path" if self.test_path is not None else "data.num_test"
             raise ValueError(f"data.test_fraction and {other} both size the test split; set only one of them")
+        self._check_builtin_task()
         return self
+
+    def _check_builtin_task(self) -> None:
+        """The built-in task and its options exist (a misspelt name fails here, not when the run
+        builds its rows); a dataset has no task options to give."""
+        if self.path is not None:
+            if self.task_options:
+                raise ValueError(
+                    "data.task_options applies to a built-in task, but data.path gives a dataset; drop "
+                    "data.task_options"
+                )
+            return
+        if self.task is None:  # neither a task nor a dataset: the whole config's check says so
+            return
+        from posttrain.data.tasks import available_tasks, get_task
+
+        # the run passes these to get_task itself: as task options they would clash at build time
+        owned = {
+            "name": "data.task",
+            "seed": "run.seed",
+            "num_train": "data.num_train",
+            "num_test": "data.num_test",
+        }
+        clash = sorted(set(owned) & set(self.task_options))
+        if clash:
+            raise ValueError(
+                f"data.task_options.{clash[0]} is not a task option; set {owned[clash[0]]} instead"
+            )
+        try:
+            get_task(self.task, num_train=0, num_test=0, **self.task_options)  # no rows: instant
+        except (ValueError, TypeError) as error:
+            key = "data.task_options" if self.task in available_tasks() else "data.task"
+            raise ValueError(f"{key}: {error}") from None
 
 
 class RolloutConfig(Section):
@@ -203,7 +257,6 @@ class RolloutConfig(Section):
     temperature: float = Field(
         1.0,
         ge=0.0,
-        allow_inf_nan=False,
         description="sampling temperature; 0 = greedy, warned about: no exploration, group advantages all 0",
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -234,6 +287,18 @@ class GuardRuleConfig(Section):
         default_factory=list, description="tool names (globs) the rule applies to; empty = all"
     )
 
+    @field_validator("pattern")
+    @classmethod
+    def _a_regex(cls, pattern: str) -> str:
+        """Named by its key here; the guard would only name the rule, and only once it is built."""
+        try:
+            re.compile(pattern, re.IGNORECASE)
+        except re.error as error:
+            raise ValueError(
+                f"{pattern!r} is not a regular expression ({error}); escape a literal ( [ . * + ? with \\"
+            ) from None
+        return pattern
+
 
 class JudgeConfig(Section):
     """The guard's judge, asked only about calls a rule marked suspect."""
@@ -247,7 +312,7 @@ class JudgeConfig(Section):
     url: str | None = Field(None, description="kind http: the API base, e.g. http://127.0.0.1:8000/v1")
     model: str | None = Field(None, description="kind http: the model name sent with each request")
     api_key_env: str | None = Field(None, description="kind http: environment variable holding the API key")
-    timeout_s: float = Field(10.0, gt=0.0, allow_inf_nan=False, description="kind http: seconds per request")
+    timeout_s: float = Field(10.0, gt=0.0, description="kind http: seconds per request")
     max_new_tokens: int = Field(16, ge=1, description="kind hf/http: length of the judge's reply")
 
     @model_validator(mode="after")
@@ -289,7 +354,6 @@ class GuardConfig(Section):
     penalty: float = Field(
         0.0,
         ge=0.0,
-        allow_inf_nan=False,
         description="subtracted from the reward of a turn whose call was denied",
     )
     enforce: bool = Field(
@@ -409,7 +473,7 @@ class OptimConfig(Section):
     epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
     num_mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch")
     micro_batch_size: int = Field(64, ge=1, description="rows per forward/backward (accumulated)")
-    max_grad_norm: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    max_grad_norm: float = Field(1.0, gt=0.0)
     max_nonfinite_steps: int = Field(
         3,
         ge=1,
@@ -508,6 +572,8 @@ class TrainConfig(Section):
         for reg, name, key in checks:
             if name not in reg:
                 raise ValueError(f"{key}: unknown {reg.kind} {name!r}; allowed: {reg.names()}")
+        check_hyperparameters(preset)  # not at the first RL step, after the model load and first eval
+        self._check_kl_acts(preset)
         if preset.kl_importance_ratio and preset.kl_placement != "loss":
             raise ValueError(
                 f"algo.kl_importance_ratio weights the KL in the loss, but {self.algorithm!r} places it "
@@ -572,6 +638,30 @@ class TrainConfig(Section):
             )
         return self
 
+    def _check_kl_acts(self, preset: AlgorithmPreset) -> None:
+        """KL settings must act: refuse them when the run applies no KL term (placement none or
+        coefficient 0), instead of ignoring them."""
+        if preset.kl_placement != "none" and preset.kl_coef > 0:
+            return
+        if preset.kl_placement == "none":
+            why, fix = (
+                f"{self.algorithm!r} applies no KL (kl_placement none)",
+                "also set algo.kl_placement=loss",
+            )
+        else:
+            why, fix = f"the KL coefficient of {self.algorithm!r} is 0", "also set algo.kl_coef > 0"
+        given = {
+            "algo.kl_coef": bool(self.algo.kl_coef),
+            "algo.kl_placement": self.algo.kl_placement not in (None, "none"),
+            "algo.kl_estimator": self.algo.kl_estimator is not None,
+            "optim.adaptive_kl_target": self.optim.adaptive_kl_target is not None,
+        }
+        ignored = [key for key, is_set in given.items() if is_set]
+        if ignored:
+            raise ValueError(
+                f"{ignored[0]} is set, but {why}, so it would be ignored; {fix} or drop {ignored[0]}"
+            )
+
     def _check_env(self) -> None:
         """env.* settings must act: refuse them for a single-turn run instead of ignoring them; an
         environment that does not resolve or rejects its options fails here, before any model."""
@@ -622,52 +712,8 @@ class TrainConfig(Section):
         return get_preset(self.algorithm).with_overrides(**overrides)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for key in parents:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"--set {dotted}: {key!r} is not a section")
-    node[leaf] = value
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["rollout.group_size=8", "algorithm=ppo"]`` -> nested dict; values are parsed as YAML."""
-    tree: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    return tree
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def format_validation_error(error: ValidationError) -> str:
-    lines = ["invalid config:"]
-    for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        message = item["msg"]
-        if item["type"] == "value_error" and "error" in item.get("ctx", {}):
-            message = str(item["ctx"]["error"])  # our own message, without pydantic's prefix
-        if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; see `posttrain train --print-config`)"
-        lines.append(f"  {key}: {message}")
-    return "\n".join(lines)
-
-
-class ConfigError(ValueError):
-    """A config that cannot be run; the message names the key and the fix."""
+# trust.py imports the merge under this name (it merges --set items as load_config does)
+_merge = merge_trees
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -677,12 +723,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml_file(path)
+        if loaded is None:  # an empty file, or comments only
+            loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+            raise ConfigError(
+                f"{path}: expected a mapping at the top level (`key: value` lines), got a YAML "
+                f"{type(loaded).__name__}"
+            )
         tree = loaded
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = merge_trees(tree, parse_overrides(overrides or []))
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error)) from None
+        raise ConfigError(format_validation_error(error, TrainConfig)) from None
