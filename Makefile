@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/posttrain train
+	$(BIN)/posttrain train --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

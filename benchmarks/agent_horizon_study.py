@@ -117,7 +117,7 @@ def main() -> None:
                     *args.set,
                 ]
                 start = time.perf_counter()
-                result = train(load_config(None, overrides))
+                result = train(load_config(None, overrides), overwrite=True)  # a rerun replaces its runs
                 xs, ys = eval_curve(result.history)
                 record = {
                     "setting": setting,

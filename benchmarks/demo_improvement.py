@@ -36,7 +36,7 @@ def main() -> None:
                 "logging.progress=false",
                 *args.set,
             ]
-            result = train(load_config(None, overrides))
+            result = train(load_config(None, overrides), overwrite=True)  # a rerun replaces its runs
             before = 100 * result.initial_eval["eval_accuracy"]
             after = 100 * result.final_eval["eval_accuracy"]
             gains.setdefault(algorithm, []).append(after - before)

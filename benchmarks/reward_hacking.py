@@ -55,7 +55,7 @@ def run(mode: str, seed: int, out: Path, extra: list[str]) -> dict[str, Any]:
     overrides = [*COMMON, *MODES[mode], f"run.seed={seed}", f"run.name=hacking-{mode}-s{seed}"]
     cfg = load_config(CONFIG, [*overrides, f"run.output_dir={out}", *extra])
     start = time.perf_counter()
-    result = train(cfg)
+    result = train(cfg, overwrite=True)  # a rerun replaces its runs
     rewards = step_series(result.history, "reward_mean")
     cheating = step_series(result.history, "guard_intercepted_episodes")
     evals = sorted((r for r in result.history if "eval_accuracy" in r), key=lambda r: r["step"])

@@ -21,5 +21,5 @@ if __name__ == "__main__":
         # the function itself; a YAML config names it as 'examples/custom_reward.py:short_and_correct'
         data={"reward_fns": [{"fn": short_and_correct}]},
     )
-    result = train(config)
+    result = train(config, overwrite=True)  # running the example again replaces its run
     print(result.table)

@@ -69,8 +69,12 @@ def test_eval_accepts_a_run_a_checkpoint_or_a_model_and_uses_the_runs_task(tmp_p
     assert final["final"] == 1.0
     capsys.readouterr()
     checkpoint = run / "checkpoints" / "step_000001"
+    # the run's config names a reward file: evaluating the folder imports it only when trusted
+    assert main(["eval", "--model", str(run), "--num-prompts", "8"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"data.reward_fns[0].fn '{rewards}:length' (file {rewards})" in err and "--trust-run-code" in err
     for model in (run, checkpoint, checkpoint / "policy"):
-        assert main(["eval", "--model", str(model), "--num-prompts", "8"]) == 0
+        assert main(["eval", "--model", str(model), "--num-prompts", "8", "--trust-run-code"]) == 0
         out = capsys.readouterr().out
         assert f"model: {checkpoint / 'policy'}  (task settings from {run / 'config.yaml'})" in out
         assert f"mean reward {final['eval_reward']:.3f}  (8 prompts)" in out
@@ -294,3 +298,47 @@ def test_eval_on_a_bare_model_folder_asks_what_to_evaluate_on(tiny_model_dir: Pa
     argv = ["eval", "--model", str(tiny_model_dir), "--set", "data.task=arithmetic", "--num-prompts", "2"]
     assert main(argv) == 0
     assert "arithmetic test: accuracy" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ interruptions
+
+
+def test_an_interrupted_run_prints_its_message_and_exits_128_plus_the_signal(capsys) -> None:
+    import signal
+
+    from posttrain.train.interrupt import TrainingInterrupted
+
+    stopped = TrainingInterrupted(signal.SIGTERM, at_once=False, step=3)
+    stopped.describe(
+        Path("runs/x"), Path("runs/x/checkpoints/step_000003"), "posttrain train --resume runs/x", True
+    )
+    args = build_parser().parse_args(["train"])
+    args.func = lambda _: _raise_base(stopped)
+    assert run_command(args) == 143
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopped after step 3, saved runs/x/checkpoints/step_000003" in err
+    assert "resume with: posttrain train --resume runs/x" in err and "Traceback" not in err
+    args.func = lambda _: _raise_base(KeyboardInterrupt())  # a Ctrl-C outside a training run
+    assert run_command(args) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def _raise_base(error: BaseException) -> int:
+    raise error
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--num-prompts", "0", "expected an integer >= 1, got 0"),
+        ("--num-prompts", "-5", "expected an integer >= 1, got -5"),
+        ("--num-prompts", "ten", "expected an integer >= 1, got 'ten'"),
+        ("--temperature", "inf", "expected a finite number >= 0, got inf"),
+        ("--temperature", "-1", "expected a finite number >= 0, got -1"),
+    ],
+)
+def test_eval_refuses_nonsense_counts_and_temperatures(capsys, flag, value, message) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "somewhere", flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -27,7 +27,9 @@ def make_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
     for word in sorted(words):
         target = word[::-1]
         sloppy = len(word) == 6 and rng.random() < 0.8
-        rows.append({"prompt": f"reverse {word}:", "target": target, "demo": target[:-1] if sloppy else target})
+        rows.append(
+            {"prompt": f"reverse {word}:", "target": target, "demo": target[:-1] if sloppy else target}
+        )
     return rows
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import linecache
+import math
 import os
 import sys
 import textwrap
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 
 DEBUG_ENV = "POSTTRAIN_DEBUG"
 USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
 
 # Errors posttrain raises on purpose, as "module:Class". Checked through sys.modules: a class whose
 # module was never imported cannot have been raised, and reporting an error must not import torch.
@@ -32,6 +34,7 @@ USER_ERRORS = (
     "posttrain.envs.registry:EnvSpecError",
     "posttrain.rollout.multi_turn:EnvError",
     "posttrain.cli:UsageError",
+    "posttrain.train.run_folder:RunFolderError",
 )
 # Modules whose plain ValueError / FileNotFoundError check what the user gave (data rows, files,
 # settings, checkpoints). The same classes raised anywhere else (torch, a bug of ours) are not caught.
@@ -148,17 +151,46 @@ def commented_yaml(section: BaseModel, indent: int = 0) -> str:
 # ------------------------------------------------------------------------------ commands
 
 
+def _check_train_flags(args: argparse.Namespace) -> None:
+    """Flags that would be ignored in this combination are refused, naming what to drop."""
+    if args.resume is None:
+        if args.trust_run_code:
+            raise UsageError(
+                "--trust-run-code applies to --resume (a run folder's config may name code); a run "
+                "started from your own config needs no flag"
+            )
+        return
+    for flag, given in (("--config", args.config), ("--overwrite", args.overwrite)):
+        if given:
+            raise UsageError(
+                f"--resume continues the run in {args.resume} with its own config.yaml; drop {flag}"
+            )
+    if args.print_config:
+        raise UsageError("--print-config shows a new run's config; the run's own is in its config.yaml")
+
+
 def _train(args: argparse.Namespace) -> int:
     from posttrain.train.config import load_config
 
+    _check_train_flags(args)
     # the trainer imports in seconds: a bad config is reported before that
     config = None if args.resume else load_config(args.config, args.set)
     if config is not None and args.print_config:
         print(commented_yaml(config))
         return 0
+    if args.resume is not None:
+        from posttrain.train.logging import CONFIG_FILE
+        from posttrain.train.trust import check_run_code
+
+        # before the trainer's imports too, and before loading the config (which imports an environment)
+        action = f"--resume {args.resume}"
+        check_run_code(args.resume / CONFIG_FILE, args.set, trusted=args.trust_run_code, action=action)
     from posttrain.train.loop import resume_run, train
 
-    result = resume_run(args.resume, args.set) if config is None else train(config)
+    if config is None:
+        result = resume_run(args.resume, args.set, trust_run_code=args.trust_run_code)
+    else:
+        result = train(config, overwrite=args.overwrite)
     print(result.table)
     print(f"curves:     {result.plot_path}")
     print(f"checkpoint: {result.checkpoint}")
@@ -190,6 +222,10 @@ def _eval(args: argparse.Namespace) -> int:
             f"eval --model {args.model}: this folder has no run config; say what to evaluate on with "
             "--config FILE or --set data.task=NAME / --set data.path=FILE"
         )
+    if run_config is not None and args.config is None:
+        from posttrain.train.trust import check_run_code
+
+        check_run_code(run_config, args.set, trusted=args.trust_run_code, action=f"eval --model {args.model}")
     # a run's own checkpoint is evaluated on that run's task and split unless --config says otherwise
     config = load_config(args.config or run_config, args.set)
     task = build_task(config)
@@ -207,6 +243,34 @@ def _eval(args: argparse.Namespace) -> int:
         f"mean reward {result['eval_reward']:.3f}  ({len(result['samples'])} prompts)"
     )
     return 0
+
+
+TRUST_HELP = (
+    "import the code (reward files, environments, judges) the run's config.yaml names; without it "
+    "posttrain lists that code and stops, since a run folder from someone else can run anything"
+)
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (``rows[:0]`` or ``rows[:-5]`` would silently mislead)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,8 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="RUN_DIR",
-        help="continue runs/<name> from its last checkpoint",
+        help="continue the run in RUN_DIR from its newest usable checkpoint, with its config.yaml "
+        "(--set may change optim.steps, eval.* and logging.* only)",
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in run.output_dir/run.name (its folder is deleted first)",
+    )
+    train.add_argument("--trust-run-code", action="store_true", help=TRUST_HELP)
     train.add_argument(
         "--print-config",
         action="store_true",
@@ -256,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set data.task=countdown or --set data.path=rows.jsonl",
     )
     ev.add_argument("--split", choices=["test", "train"], default="test")
-    ev.add_argument("--num-prompts", type=int, default=200)
-    ev.add_argument("--temperature", type=float, default=0.0)
+    ev.add_argument("--num-prompts", type=_positive_int, default=200, help="prompts to evaluate (>= 1)")
+    ev.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy; a finite number >= 0")
+    ev.add_argument("--trust-run-code", action="store_true", help=TRUST_HELP)
     ev.set_defaults(func=_eval)
 
     try:
@@ -272,9 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run the parsed command; a user error becomes ``error: ...`` on stderr and exit code 2."""
+    """Run the parsed command; a user error becomes ``error: ...`` on stderr and exit code 2, an
+    interruption its message (what was saved, how to resume) and 128 + the signal (130, 143)."""
     try:
         return int(args.func(args))
+    except KeyboardInterrupt as stop:  # posttrain.train.interrupt.TrainingInterrupted, or a plain Ctrl-C
+        print(f"\n{stop}" if str(stop) else "\ninterrupted", file=sys.stderr)
+        return int(getattr(stop, "exit_code", INTERRUPTED_EXIT))
     except Exception as error:
         if not is_user_error(error):
             raise  # a bug: its traceback is the report

@@ -57,6 +57,21 @@ def _import_module(module_name: str, spec: str, kind: str, error: type[Exception
         ) from cause
 
 
+def _names_a_file(module_part: str) -> bool:
+    return module_part.endswith(".py") or "/" in module_part or "\\" in module_part
+
+
+def spec_target(spec: str) -> str | None:
+    """What importing ``spec`` would run: ``"file /abs/path.py"`` or ``"module pkg.mod"``; None when
+    ``spec`` names no code (a built-in name, which has no ':')."""
+    module_part, _, attribute = spec.strip().rpartition(":")
+    if not module_part or not attribute or spec.startswith(UNSAVED):
+        return None
+    if _names_a_file(module_part):
+        return f"file {Path(module_part).expanduser().resolve()}"
+    return f"module {module_part}"
+
+
 def load_from_spec(spec: str, *, kind: str, error: type[Exception], hint: str) -> tuple[str, Any]:
     """``(attribute name, object)`` for ``spec``; ``error(message)`` is raised on any failure.
 
@@ -71,10 +86,9 @@ def load_from_spec(spec: str, *, kind: str, error: type[Exception], hint: str) -
     module_part, _, attribute = spec.strip().rpartition(":")
     if not module_part or not attribute:
         raise error(f"{kind} {spec!r} is malformed: {hint}")
-    is_file = module_part.endswith(".py") or "/" in module_part or "\\" in module_part
     module = (
         _import_file(module_part, spec, kind, error)
-        if is_file
+        if _names_a_file(module_part)
         else _import_module(module_part, spec, kind, error)
     )
     if not hasattr(module, attribute):

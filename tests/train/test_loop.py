@@ -10,8 +10,9 @@ import torch
 from posttrain.algorithms.presets import PRESETS
 from posttrain.rewards.functions import RewardFunctionError
 from posttrain.train.checkpoint import latest_checkpoint
-from posttrain.train.config import load_config
+from posttrain.train.config import ConfigError, load_config
 from posttrain.train.loop import train
+from posttrain.train.watch import WARNINGS_FILE, ZERO_SPREAD_STEPS
 
 pytestmark = pytest.mark.slow
 
@@ -166,3 +167,64 @@ def test_a_code_task_scored_by_hidden_tests_in_the_sandbox(out_dir, tmp_path):
     steps = [row for row in result.history if "reward/python_tests" in row]
     assert len(steps) == 2
     assert max(row["reward/python_tests"] for row in steps) > 0
+
+
+# ------------------------------------------------------------------------------ early warnings
+
+
+def _warnings(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+
+
+def _user_task(tmp_path, prompts, reward_body):
+    """Overrides for a JSONL of ``prompts`` scored by ``reward_body`` (the function ``score``)."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "target": "0"}) for p in prompts))
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(f"def score(prompt, completion, **row):\n    return {reward_body}\n")
+    return [f"data.path={data}", "data.max_new_tokens=4", f"data.reward_fns=[{{fn: '{rewards}:score'}}]"]
+
+
+SUMS = [f"{i}+1=" for i in range(12)]
+
+
+def test_a_healthy_run_prints_no_warning(out_dir, tmp_path, tiny_model_dir, capsys):
+    task = _user_task(tmp_path, SUMS, "float(sum(map(ord, completion)) % 2)")
+    result = train(_config(out_dir, "healthy", *task, f"model.path={tiny_model_dir}"))
+    assert _warnings(capsys) == []
+    assert not (result.run_dir / WARNINGS_FILE).exists()
+
+
+def test_rl_at_temperature_0_is_warned_once_and_kept_in_the_run_folder(out_dir, capsys):
+    result = train(_config(out_dir, "greedy", "rollout.temperature=0"))
+    greedy = [line for line in _warnings(capsys) if "rollout.temperature is 0" in line]
+    assert len(greedy) == 1
+    assert greedy[0] in (result.run_dir / WARNINGS_FILE).read_text().splitlines()
+
+
+def test_a_constant_reward_function_and_steps_without_spread_are_warned_once(
+    out_dir, tmp_path, tiny_model_dir, capsys
+):
+    task = _user_task(tmp_path, SUMS, "0.0")
+    steps = ZERO_SPREAD_STEPS + 2
+    result = train(_config(out_dir, "flat", *task, f"model.path={tiny_model_dir}", f"optim.steps={steps}"))
+    constant, flat = _warnings(capsys)
+    assert constant.startswith("warning: reward function 'score' returned 0.0 for all 16 samples at step 1: ")
+    n = ZERO_SPREAD_STEPS
+    assert flat.startswith(f"warning: no group had any reward spread for {n} steps (steps 1-{n}): ")
+    assert (result.run_dir / WARNINGS_FILE).read_text().splitlines() == [constant, flat]
+    assert all(row["reward_std/score"] == 0.0 for row in result.history if "reward_std/score" in row)
+
+
+def test_prompts_longer_than_the_model_context_warn_or_fail(out_dir, tmp_path, tiny_model_dir, capsys):
+    long_prompt = "1" * 100 + "="  # digits are single tokens: 101 of the model's 128 positions
+    task = _user_task(tmp_path, [*SUMS, long_prompt], "0.5")
+    overrides = [*task, f"model.path={tiny_model_dir}", "optim.steps=1"]
+    train(_config(out_dir, "long", *overrides, "data.max_new_tokens=40"))
+    (line,) = [line for line in _warnings(capsys) if "context" in line]
+    assert "prompt '1111" in line and "data.max_new_tokens (40) is 141 tokens" in line
+    assert "lower data.max_new_tokens to 27" in line
+
+    too_long = _user_task(tmp_path, [*SUMS, "1" * 130 + "="], "0.5")
+    with pytest.raises(ConfigError, match="prompt '1111.* is 131 tokens.*no room to answer"):
+        train(_config(out_dir, "too-long", *too_long, f"model.path={tiny_model_dir}"))

@@ -255,8 +255,11 @@ def prune_checkpoints(ckpt_root: Path, *, keep_last: int | None, protect: Path |
             shutil.rmtree(path)
             removed.append(path)
     for child in ckpt_root.iterdir():
-        if child.name.startswith(TMP_PREFIX) and child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)
+        if child.name.startswith(TMP_PREFIX):  # a crashed save's folder, or a crashed `latest` write
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
             removed.append(child)
     return removed
 
@@ -291,10 +294,10 @@ def save_checkpoint(
     tmp_dir = ckpt_root / f"{TMP_PREFIX}{final_name}-{secrets.token_hex(4)}"
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        tmp_dir.mkdir()
     except OSError as error:
         raise _write_error(ckpt_root, step, error) from error
     try:
+        tmp_dir.mkdir()
         _write_contents(
             tmp_dir,
             step,

@@ -712,10 +712,6 @@ class TrainConfig(Section):
         return get_preset(self.algorithm).with_overrides(**overrides)
 
 
-# trust.py imports the merge under this name (it merges --set items as load_config does)
-_merge = merge_trees
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (optional), apply ``--set`` overrides, validate."""
     tree: dict[str, Any] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,17 +16,30 @@ from posttrain.models.load import save_policy
 from posttrain.report.plots import plot_training_curves
 from posttrain.report.tables import interception_trend, render_table, summary_table
 from posttrain.train.checkpoint import (
+    CheckpointError,
+    checkpoint_step,
     latest_checkpoint,
     load_extra_tensors,
     load_trainer_state,
     save_checkpoint,
+    usable_checkpoint,
 )
-from posttrain.train.config import TrainConfig, load_config
+from posttrain.train.config import ConfigError, TrainConfig, load_config
 from posttrain.train.evaluate import evaluate
+from posttrain.train.interrupt import StopRequest, TrainingInterrupted, stop_on_signals
 from posttrain.train.logging import CONFIG_FILE, RunLogger, TrainProgress, read_metrics
+from posttrain.train.run_folder import IDENTITY, RunLock, check_resume_settings, claim_fresh_run, run_contents
 from posttrain.train.setup import build_state, build_task, embedded_model_path, seed_everything
 from posttrain.train.step import TrainState, rl_step, sampling_params
-from posttrain.train.watch import StepWatch, check_config, check_context, record_warnings, run_warnings
+from posttrain.train.trust import TRUST_FLAG, check_run_code, code_in_config
+from posttrain.train.watch import (
+    StepWatch,
+    check_config,
+    check_context,
+    record_warnings,
+    run_warnings,
+    warn_once,
+)
 
 
 @dataclass
@@ -114,16 +128,65 @@ def _logged_final_eval(run_dir: Path, step: int) -> dict[str, Any] | None:
     return None
 
 
+def resume_command(cfg: TrainConfig, run_dir: Path) -> str:
+    """The command that continues this run (with the trust flag its own code needs)."""
+    trust = f" {TRUST_FLAG}" if code_in_config(cfg.model_dump()) else ""
+    return f"posttrain train --resume {shlex.quote(str(run_dir))}{trust}"
+
+
 @run_warnings()  # each warning of the run printed once, and kept in the run folder
-def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Run RL training as configured. With ``resume``, continue ``runs/<name>`` from its last checkpoint."""
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Run RL training as configured, in ``run.output_dir/run.name``.
+
+    A folder that already holds a run is refused unless ``resume`` (continue it from its newest
+    usable checkpoint, with the same settings but for ``optim.steps``, ``eval.*`` and ``logging.*``)
+    or ``overwrite`` (delete it and start again). One process at a time trains in a folder. SIGINT /
+    SIGTERM stop the run after the current step with a checkpoint: ``TrainingInterrupted``.
+    """
+    if resume and overwrite:
+        raise ValueError("resume continues the run in the folder and overwrite deletes it: pick one")
     cfg = config
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
+    # the handlers first: a Ctrl-C at any point of the run, its very start included, ends it cleanly
+    with stop_on_signals() as stop:
+        try:
+            with RunLock(run_dir):
+                return _train(cfg, run_dir, stop, resume=resume, overwrite=overwrite)
+        except TrainingInterrupted as interrupted:
+            checkpoint = interrupted.checkpoint if not interrupted.at_once else latest_checkpoint(run_dir)
+            interrupted.describe(
+                run_dir, checkpoint, resume_command(cfg, run_dir), bool(run_contents(run_dir))
+            )
+            raise
+
+
+def _resume_point(cfg: TrainConfig, run_dir: Path) -> Path:
+    """The newest usable checkpoint of the run, saying which newer ones are damaged; the resumed
+    settings must be ones a resume may change."""
+    checkpoint, damaged = usable_checkpoint(run_dir)
+    for path, problems in damaged:
+        instead = f"resuming from {checkpoint.name} instead" if checkpoint else "no older one is usable"
+        warn_once(f"damaged/{path.name}", f"checkpoint {path} is damaged ({'; '.join(problems)}); {instead}")
+    if checkpoint is None and damaged:
+        raise CheckpointError(
+            f"--resume: no usable checkpoint under {run_dir / 'checkpoints'} (every one is damaged, see "
+            "above); start the run again with --overwrite"
+        )
+    if checkpoint is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+    check_resume_settings(run_dir, cfg, checkpoint_step(checkpoint) or 0)
+    return checkpoint
+
+
+def _train(
+    cfg: TrainConfig, run_dir: Path, stop: StopRequest, *, resume: bool, overwrite: bool
+) -> TrainResult:
+    """``train`` inside the run folder's lock and the signal handlers."""
+    checkpoint = _resume_point(cfg, run_dir) if resume else None
+    if checkpoint is None:
+        claim_fresh_run(run_dir, overwrite=overwrite)
     record_warnings(run_dir, resume=checkpoint is not None)
     check_config(cfg)
     seed_everything(cfg.run.seed)
@@ -139,17 +202,51 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     if checkpoint is not None:
         _restore(state, checkpoint)
     check_context(state, task)
-    watch = StepWatch(cfg)
 
-    logger = RunLogger(run_dir, tensorboard=cfg.logging.tensorboard, resume=checkpoint is not None)
-    logger.write_config(cfg.model_dump())
-    initial: dict[str, Any] = {}
-    if checkpoint is None:
-        initial = _run_eval(state, task)
-        logger.log_metrics(0, {k: v for k, v in initial.items() if k != "samples"})
-    start = time.perf_counter()
+    # a resume cuts the logs back to the checkpoint it starts from (an older one if newer are damaged)
+    resume_step = checkpoint_step(checkpoint) if checkpoint is not None else None
+    logger = RunLogger(
+        run_dir, tensorboard=cfg.logging.tensorboard, resume=checkpoint is not None, resume_step=resume_step
+    )
+    with logger:
+        logger.write_config(cfg.model_dump())
+        initial: dict[str, Any] = {}
+        if checkpoint is None:
+            initial = _run_eval(state, task)
+            logger.log_metrics(0, {k: v for k, v in initial.items() if k != "samples"})
+        start = time.perf_counter()
+        saved = _rl_steps(state, task, logger, stop, run_dir, model_path)
+        if stop.requested:  # the step that was running finished: save it, then stop
+            interrupted = stop.interrupted(state.step)
+            interrupted.checkpoint = saved or _checkpoint(state, run_dir, model_path)
+            raise interrupted
+        # a resumed run that had already finished keeps its final eval and checkpoint (no duplicate lines)
+        final = _logged_final_eval(run_dir, state.step) if checkpoint is not None else None
+        if final is None:
+            final = _run_eval(state, task)
+            logger.log_metrics(
+                state.step, {k: v for k, v in final.items() if k != "samples"} | {"final": 1.0}
+            )
+            logger.log_samples(
+                state.step, [dict(s, split="test") for s in final["samples"][: cfg.logging.num_samples]]
+            )
+            last = _checkpoint(state, run_dir, model_path)
+        else:
+            last = checkpoint
+    return _result(cfg, task, run_dir, initial, final, last, time.perf_counter() - start)
+
+
+def _rl_steps(
+    state: TrainState, task: Task, logger: RunLogger, stop: StopRequest, run_dir: Path, model_path: Path
+) -> Path | None:
+    """RL steps until ``optim.steps`` or a stop signal; returns the checkpoint written after the
+    last step run, if one was."""
+    cfg = state.config
+    watch = StepWatch(cfg)
+    saved = None
     with TrainProgress(cfg.optim.steps, enabled=cfg.logging.progress, start_step=state.step) as progress:
-        while state.step < cfg.optim.steps:
+        stop.defer()  # from here a signal lets the running step finish, and the loop saves and stops
+        while state.step < cfg.optim.steps and not stop.requested:
             rows = rows_for_step(task.train, state.data_position, cfg.rollout.prompts_per_step, cfg.run.seed)
             state.data_position += len(rows)
             metrics = rl_step(state, rows)
@@ -160,21 +257,22 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
             logger.log_samples(state.step, state.last_samples[: cfg.logging.num_samples])
             progress.update(state.step, metrics)
             every = cfg.logging.checkpoint_every
+            saved = None
             if every and state.step % every == 0 and state.step < cfg.optim.steps:
-                _checkpoint(state, run_dir, model_path)
-    # a resumed run that had already finished keeps its final eval and checkpoint (no duplicate lines)
-    final = _logged_final_eval(run_dir, state.step) if checkpoint is not None else None
-    if final is None:
-        final = _run_eval(state, task)
-        logger.log_metrics(state.step, {k: v for k, v in final.items() if k != "samples"} | {"final": 1.0})
-        logger.log_samples(
-            state.step, [dict(s, split="test") for s in final["samples"][: cfg.logging.num_samples]]
-        )
-        last = _checkpoint(state, run_dir, model_path)
-    else:
-        last = checkpoint
-    logger.close()
+                saved = _checkpoint(state, run_dir, model_path)
+    return saved
 
+
+def _result(
+    cfg: TrainConfig,
+    task: Task,
+    run_dir: Path,
+    initial: dict[str, Any],
+    final: dict[str, Any],
+    last: Path | None,
+    seconds: float,
+) -> TrainResult:
+    """Curves, the before/after table and the result of a finished run."""
     history = read_metrics(run_dir / "metrics.jsonl")
     keys = ["reward_mean", "accuracy", "eval_accuracy", "kl", "entropy", "response_length"]
     if cfg.optim.epochs > 1 or cfg.optim.num_mini_batches > 1:
@@ -201,7 +299,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         summary_table(
             rows_table,
             ["model", "eval accuracy", "eval reward", "response length"],
-            title=f"{cfg.algorithm} on {task.name}: {cfg.optim.steps} steps in {time.perf_counter() - start:.0f} s",
+            title=f"{cfg.algorithm} on {task.name}: {cfg.optim.steps} steps in {seconds:.0f} s",
         )
     )
     trend = interception_trend(history)
@@ -218,8 +316,31 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     )
 
 
-def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> TrainResult:
-    """Continue a run from ``run_dir/config.yaml`` and its last checkpoint."""
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / CONFIG_FILE, overrides)
+def _run_folder(path: str | Path) -> Path:
+    """``path`` as a run folder whose last part is its name (``.`` or ``runs/x/..`` resolved)."""
+    path = Path(path)
+    return path.resolve() if path.name in ("", ".", "..") else path
+
+
+def resume_run(
+    run_dir: str | Path, overrides: list[str] | None = None, *, trust_run_code: bool = False
+) -> TrainResult:
+    """Continue the run in ``run_dir``, wherever it was moved, from its newest usable checkpoint,
+    with its ``config.yaml`` and the ``overrides`` a resume allows. Code the config names (reward
+    files, environments, judges) is imported only with ``trust_run_code``: the folder may be
+    someone else's."""
+    run_dir = _run_folder(run_dir)
+    config_file = run_dir / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: no {CONFIG_FILE} there, so it is not a run folder")
+    keys = [item.split("=", 1)[0].strip() for item in overrides or []]
+    moved = [key for key in keys if key == "run" or key in IDENTITY]
+    if moved:
+        raise ConfigError(
+            f"--resume {run_dir}: --set {moved[0]} cannot move a run; the run is the folder given to --resume"
+        )
+    check_run_code(config_file, overrides, trusted=trust_run_code, action=f"--resume {run_dir}")
+    config = load_config(config_file, overrides)
+    # the folder given is the run, even when config.yaml still names where it was written
+    config.run.output_dir, config.run.name = str(run_dir.parent), run_dir.name
     return train(config, resume=True)
