@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+import time
 
 import pytest
 import torch
@@ -134,6 +135,20 @@ def test_a_reward_function_that_raises_names_itself(out_dir, tmp_path):
     config = _config(out_dir, "bad-reward", f"data.reward_fns=[{{fn: '{rewards}:broken'}}]")
     with pytest.raises(RewardFunctionError, match="broken"):
         train(config)
+
+
+def test_a_hanging_reward_function_stops_the_run_within_data_reward_timeout_s(out_dir, tmp_path):
+    rewards = tmp_path / "slow_rewards.py"
+    rewards.write_text(
+        "import time\n\ndef slow(prompt, completion, **row):\n    time.sleep(60)\n    return 0.0\n"
+    )
+    config = _config(
+        out_dir, "slow-reward", f"data.reward_fns=[{{fn: '{rewards}:slow'}}]", "data.reward_timeout_s=0.5"
+    )
+    start = time.perf_counter()
+    with pytest.raises(RewardFunctionError, match=r"'slow' did not return within 0.5 s on sample 0"):
+        train(config)
+    assert time.perf_counter() - start < 50
 
 
 def test_a_code_task_scored_by_hidden_tests_in_the_sandbox(out_dir, tmp_path):

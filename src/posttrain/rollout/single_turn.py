@@ -40,8 +40,15 @@ class SingleTurnCollector:
     """
 
     def __init__(
-        self, engine: RolloutEngine, tokenizer: Any, reward_terms: Sequence[RewardTerm], max_new_tokens: int
+        self,
+        engine: RolloutEngine,
+        tokenizer: Any,
+        reward_terms: Sequence[RewardTerm],
+        max_new_tokens: int,
+        *,
+        reward_timeout_s: float | None = None,
     ) -> None:
+        self.reward_timeout_s = reward_timeout_s
         if not reward_terms:
             raise ValueError("a single-turn task needs at least one reward function")
         self.engine = engine
@@ -57,7 +64,11 @@ class SingleTurnCollector:
         prompt_ids = [encode_prompt(self.tokenizer, prompt) for prompt in prompts]
         completions = self.engine.generate(prompt_ids, params, seed=seed)
         rewards, per_fn = score_completions(
-            self.reward_terms, prompts, [c.text for c in completions], sample_rows
+            self.reward_terms,
+            prompts,
+            [c.text for c in completions],
+            sample_rows,
+            timeout_s=self.reward_timeout_s,
         )
         episodes = [
             Episode(

@@ -186,6 +186,12 @@ class DataConfig(Section):
     )
     max_new_tokens: int | None = Field(None, ge=1, description="None = the task's default")
     reward_fns: list[RewardFnConfig] = Field(default_factory=list, description="empty = task default")
+    reward_timeout_s: float | None = Field(
+        60.0,
+        gt=0.0,
+        description="seconds one reward call may take (a batched function: one batch) before the run "
+        "stops naming the function and sample; None = no limit",
+    )
 
     @model_validator(mode="after")
     def _dataset_settings_act(self) -> DataConfig:

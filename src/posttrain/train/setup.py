@@ -194,7 +194,11 @@ def build_collector(
     name = cfg.env_name()
     if name is None:
         return SingleTurnCollector(
-            engine, tokenizer, resolve_reward_specs(task.reward_fns), task.max_new_tokens
+            engine,
+            tokenizer,
+            resolve_reward_specs(task.reward_fns),
+            task.max_new_tokens,
+            reward_timeout_s=cfg.data.reward_timeout_s,
         )
     env = cfg.env
     limits = TurnLimits(
