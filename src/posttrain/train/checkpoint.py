@@ -147,8 +147,9 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a fsynced temp file in the same directory and ``os.replace``:
+    readers see the old or the new contents, never a part (the one atomic text write of a run)."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -317,7 +318,7 @@ def save_checkpoint(
         if _is_write_failure(error):
             raise _write_error(ckpt_root, step, error) from error
         raise
-    _write_text_atomic(ckpt_root / LATEST_FILE, final_name + "\n")
+    write_text_atomic(ckpt_root / LATEST_FILE, final_name + "\n")
     prune_checkpoints(ckpt_root, keep_last=keep_last, protect=final_dir)
     return final_dir
 

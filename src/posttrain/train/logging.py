@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,7 +22,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from posttrain.train.checkpoint import checkpoint_step, latest_checkpoint
+from posttrain.train.checkpoint import checkpoint_step, latest_checkpoint, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -125,12 +123,7 @@ def truncate_jsonl_after(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 class RunLogger:
@@ -200,9 +193,7 @@ class RunLogger:
     def write_config(self, config: Mapping[str, Any]) -> Path:
         """Write the resolved config to ``config.yaml`` (atomically) and return its path."""
         path = self.run_dir / CONFIG_FILE
-        tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
-        tmp.write_text(yaml.safe_dump(to_jsonable(config), sort_keys=False), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, yaml.safe_dump(to_jsonable(config), sort_keys=False))
         return path
 
     def close(self) -> None:
