@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from posttrain.envs.tools import ToolCall
+from posttrain.envs.tools import ToolCall, one_line
 
 __all__ = [
     "DECOYS",
@@ -257,14 +257,14 @@ class Guard:
         try:
             answer = _as_verdict(self.judge(query))
         except Exception as error:  # a judge that fails must not let a suspect call through
-            answer = JudgeVerdict(False, _one_line(f"judge failed: {type(error).__name__}: {error}"))
+            answer = JudgeVerdict(False, one_line(f"judge failed: {type(error).__name__}: {error}"))
         return Verdict(
             denied=not answer.allow,
             flagged=True,
             judged=True,
             stage="judge",
             rule=rule,
-            reason=_one_line(answer.reason) or ("allowed by judge" if answer.allow else "denied by judge"),
+            reason=one_line(answer.reason) or ("allowed by judge" if answer.allow else "denied by judge"),
             judge_seconds=time.perf_counter() - start,
             enforced=self.enforce,
         )
@@ -279,11 +279,6 @@ def _as_verdict(answer: Any) -> JudgeVerdict:
     if isinstance(answer, tuple) and len(answer) == 2 and isinstance(answer[0], bool):
         return JudgeVerdict(answer[0], str(answer[1]))
     raise TypeError(f"a judge must return JudgeVerdict, bool or (bool, reason), got {answer!r}"[:200])
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 JUDGE_INSTRUCTIONS = (
@@ -313,10 +308,8 @@ def parse_judge_reply(text: str) -> JudgeVerdict:
     neither denies, since an unreadable verdict must not let a suspect call through."""
     match = _REPLY.search(text)
     if match is None:
-        return JudgeVerdict(False, _one_line(f"unreadable judge reply: {text!r}", 120))
-    return JudgeVerdict(
-        match.group(1).upper() == "ALLOW", _one_line(match.group(2)) or match.group(1).lower()
-    )
+        return JudgeVerdict(False, one_line(f"unreadable judge reply: {text!r}", 120))
+    return JudgeVerdict(match.group(1).upper() == "ALLOW", one_line(match.group(2)) or match.group(1).lower())
 
 
 class ModelJudge:

@@ -116,10 +116,11 @@ def tool_schema(fn: Callable[..., Any]) -> dict[str, Any]:
         raise ValueError(f"tool {name!r} has no usable schema: {exc}") from exc
 
 
-def _one_line(text: str) -> str:
-    """Squash ``text`` onto one line of at most ``_MAX_MESSAGE`` characters (observations are lines)."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= _MAX_MESSAGE else flat[: _MAX_MESSAGE - 3] + "..."
+def one_line(text: str, limit: int = _MAX_MESSAGE) -> str:
+    """Squash ``text`` onto one line of at most ``limit`` characters (observations and verdict
+    reasons are lines)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def _parse_plain(action: str) -> ToolCall | ToolError:
@@ -180,17 +181,17 @@ def run_tool(call: ToolCall, tools: Mapping[str, Callable[..., Any]]) -> str | T
     fn = tools.get(call.name)
     if fn is None:
         names = ", ".join(sorted(tools))
-        return ToolError("unknown_tool", _one_line(f"error: unknown tool {call.name!r}; tools: {names}"))
+        return ToolError("unknown_tool", one_line(f"error: unknown tool {call.name!r}; tools: {names}"))
     try:
         bound = inspect.signature(fn).bind(*call.args, **call.arguments)
     except TypeError as exc:
-        return ToolError("bad_arguments", _one_line(f"error: bad arguments for {call.name}: {exc}"))
+        return ToolError("bad_arguments", one_line(f"error: bad arguments for {call.name}: {exc}"))
     try:
         result = fn(*bound.args, **bound.kwargs)
     except BadArguments as exc:
-        return ToolError("bad_arguments", _one_line(str(exc)))
+        return ToolError("bad_arguments", one_line(str(exc)))
     except Exception as exc:  # a failing tool is an observation, not a crash
-        return ToolError("tool_raised", _one_line(f"error: {call.name} failed: {type(exc).__name__}: {exc}"))
+        return ToolError("tool_raised", one_line(f"error: {call.name} failed: {type(exc).__name__}: {exc}"))
     return str(result)
 
 
