@@ -76,8 +76,7 @@ def eval_curve(history: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
 
 def rl_seconds(history: list[dict[str, Any]]) -> float:
     """Seconds spent in RL steps (collect, prepare, update), without the warm-start and evaluations."""
-    keys = ("time/generate", "time/score_and_prepare", "time/train")
-    return float(sum(row.get(key, 0.0) for row in history for key in keys))
+    return float(sum(row.get("time/step", 0.0) for row in history))
 
 
 def tokens_to_reach(curve: tuple[np.ndarray, np.ndarray], threshold: float) -> float | None:

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from posttrain.data.batch import collate_episodes, mini_batches
+from posttrain.data.batch import collate_episodes, micro_batches, mini_batches
 from posttrain.data.trace import Episode, Trace, single_turn_trace
 
 
@@ -108,3 +108,27 @@ def test_per_token_rewards_are_added_to_the_outcome():
     assert episode.num_actions == 4
     batch = collate_episodes([episode], pad_token_id=0)
     assert batch.token_rewards.tolist() == [[0.0, 0.5, 0.0, -0.25], [0.0, 0.0, 3.0, 0.0]]
+
+
+def test_micro_batches_group_rows_by_length_longest_first() -> None:
+    lengths = [3, 7, 5, 7, 1]
+    mask = torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])
+    assert [m.tolist() for m in micro_batches(mask, 2)] == [[1, 3], [2, 0], [4]]
+    # one micro-batch holding every row keeps their order
+    assert [m.tolist() for m in micro_batches(mask, 5)] == [[0, 1, 2, 3, 4]]
+
+
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=20),
+    size=st.integers(min_value=1, max_value=25),
+)
+def test_micro_batches_partition_the_rows_and_cut_padding(lengths: list[int], size: int) -> None:
+    width = max(lengths)
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
+    parts = micro_batches(mask, size)
+    assert sorted(torch.cat(parts).tolist()) == list(range(len(lengths)))
+    assert all(1 <= len(p) <= size for p in parts)
+    assert len(parts) == -(-len(lengths) // size)
+    # padded width summed over micro-batches never exceeds one batch padded to the longest row
+    padded = sum(len(p) * max(lengths[i] for i in p.tolist()) for p in parts)
+    assert padded <= len(lengths) * width

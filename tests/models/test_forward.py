@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from posttrain.models.forward import (
+    first_action_position,
     position_ids_from_mask,
     predicted_token_mask,
     shift_to_tokens,
@@ -139,3 +140,40 @@ def test_positions_count_real_tokens_from_zero(lengths: list[int], left: bool) -
         assert int(predicted[i].sum()) == n - 1
         assert not predicted[i, 0]
     assert (positions >= 0).all()
+
+
+def test_first_action_position_is_the_first_trained_column() -> None:
+    loss_mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]])
+    assert first_action_position(loss_mask) == 2
+    assert first_action_position(torch.zeros(2, 5)) == 5
+
+
+@pytest.mark.parametrize("from_position", [0, 1, 2, 4, 6])
+def test_from_position_skips_prompt_logits_and_keeps_values_and_gradients(
+    model: nn.Module, from_position: int
+) -> None:
+    ids, mask = pad([[5, 6, 7, 8, 9, 10, 11], [5, 9, 8, 7], [4, 4, 5, 6, 7, 8]], left=False)
+    rows_seen: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _module, inputs, _out: rows_seen.append(inputs[0].shape[1])
+    )
+    try:
+        full, full_entropy = token_logprobs(model, ids, mask, with_entropy=True)
+        part, part_entropy = token_logprobs(model, ids, mask, with_entropy=True, from_position=from_position)
+    finally:
+        hook.remove()
+    width = ids.shape[1]
+    # the LM head ran over positions from_position - 1 .. end only (the logits there predict from_position ..)
+    assert rows_seen == [width, width - from_position + 1 if from_position > 1 else width]
+    assert part_entropy is not None and full_entropy is not None
+    torch.testing.assert_close(part[:, from_position:], full[:, from_position:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        part_entropy[:, from_position:], full_entropy[:, from_position:], atol=1e-6, rtol=0
+    )
+    assert (part[:, :from_position] == 0).all()
+    # gradients of a loss over the kept positions are the same
+    weights = torch.rand(part[:, from_position:].shape, generator=torch.Generator().manual_seed(0))
+    grad_full = torch.autograd.grad((full[:, from_position:] * weights).sum(), list(model.parameters()))
+    grad_part = torch.autograd.grad((part[:, from_position:] * weights).sum(), list(model.parameters()))
+    for a, b in zip(grad_full, grad_part, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

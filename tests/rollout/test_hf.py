@@ -10,7 +10,13 @@ from torch import nn
 from posttrain.models.forward import token_logprobs
 from posttrain.models.load import LoraSettings, ensure_pad_token, load_policy
 from posttrain.rollout.engine import Completion, RolloutEngine, SamplingParams
-from posttrain.rollout.hf import HFRolloutEngine, cut_at_eos, cut_at_stop_string, pad_batch
+from posttrain.rollout.hf import (
+    BehaviourLogprobRecorder,
+    HFRolloutEngine,
+    cut_at_eos,
+    cut_at_stop_string,
+    pad_batch,
+)
 
 PROMPTS = ["1+2=", "12+34=", "7+8=", "40+2=", "3+3=", "99+1=", "5+17="]
 
@@ -319,3 +325,42 @@ def test_cut_at_stop_string_hand_cases(
     ids: list[int], reason: str, stop: tuple[str, ...], expected: tuple[list[int], str]
 ) -> None:
     assert cut_at_stop_string(ids, reason, stop, fake_decode) == expected
+
+
+def test_recorder_reads_each_sampled_token_from_the_step_that_sampled_it() -> None:
+    recorder = BehaviourLogprobRecorder(temperature=2.0)
+    step_logits = [
+        torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0]]),
+        torch.tensor([[1.0, 1.0, 1.0], [0.0, 4.0, 0.0]]),
+    ]
+    sequences = torch.tensor([[9, 2, 0], [9, 0, 1]])  # prompt token 9, then two sampled tokens
+    for step, logits in enumerate(step_logits):
+        assert recorder(sequences[:, : 1 + step], logits) is logits  # scores pass through unchanged
+    got = recorder.logprobs(sequences, num_generated=2)
+    want = torch.stack(
+        [torch.log_softmax(step_logits[t] / 2.0, dim=-1)[[0, 1], sequences[:, 1 + t]] for t in range(2)],
+        dim=1,
+    )
+    torch.testing.assert_close(got, want)
+    # generate may run one step more and undo it: the extra step is dropped
+    recorder(sequences, torch.zeros(2, 3))
+    torch.testing.assert_close(recorder.logprobs(sequences, num_generated=2), want)
+
+
+def test_logprobs_are_of_the_full_tempered_distribution_under_top_k(
+    policy: tuple[nn.Module, Any], prompt_ids: list[list[int]]
+) -> None:
+    model, tokenizer = policy
+    engine = HFRolloutEngine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=5, temperature=1.5, top_k=1, stop_on_eos=False)
+    completions = engine.generate(prompt_ids, params, seed=0)
+    rows = [c.prompt_ids + c.completion_ids for c in completions]
+    input_ids, attention_mask = pad_batch(rows, tokenizer.pad_token_id, left=False)
+    with torch.no_grad():
+        expected, _ = token_logprobs(model.eval(), input_ids, attention_mask, temperature=1.5)
+    for row, completion in enumerate(completions):
+        start = len(completion.prompt_ids)
+        got = torch.tensor(completion.logprobs)
+        # top-k = 1 makes the sampled token certain for the sampler, but pi is the untruncated softmax
+        assert (got < -1e-3).all()
+        torch.testing.assert_close(got, expected[row, start : start + 5], atol=1e-5, rtol=0)

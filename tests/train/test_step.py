@@ -558,8 +558,13 @@ COMMON_KEYS = {
     "ratio_min",
     "grad_norm",
     "time/generate",
-    "time/score_and_prepare",
+    "time/rewards",
+    "time/logprobs",
+    "time/advantages",
     "time/train",
+    "time/forward_backward",
+    "time/optimizer",
+    "time/step",
     "tokens_per_s",
     "lr",
 }
@@ -580,7 +585,11 @@ def test_rl_step_reports_the_documented_metrics(setup, algorithm: str, present: 
     assert COMMON_KEYS | present <= set(metrics)
     assert not absent & set(metrics)
     assert all(isinstance(v, float) and v == v for v in metrics.values())  # floats, no NaN
-    assert all(metrics[k] >= 0 for k in ("time/generate", "time/score_and_prepare", "time/train"))
+    phases = ("time/generate", "time/rewards", "time/logprobs", "time/advantages", "time/train")
+    assert all(metrics[k] >= 0 for k in phases)
+    # the phases tile the step; forward/backward and the optimizer are inside train
+    assert sum(metrics[k] for k in phases) == pytest.approx(metrics["time/step"], abs=1e-3)
+    assert metrics["time/forward_backward"] + metrics["time/optimizer"] <= metrics["time/train"]
     assert metrics["tokens_per_s"] > 0
     assert metrics["lr"] == 0.003
     assert state.step == 1

@@ -114,6 +114,20 @@ def collate_episodes(episodes: Sequence[Episode], pad_token_id: int) -> Batch:
     )
 
 
+def micro_batches(attention_mask: Tensor, size: int) -> list[Tensor]:
+    """Row indices of micro-batches of at most ``size`` rows, longest rows first.
+
+    Rows are grouped by length (``attention_mask``: ``[batch, time]``) so each micro-batch, trimmed
+    by ``Batch.select``, is padded only to its own longest row. The mini-batch's gradient is their
+    sum whatever the grouping; when one micro-batch holds every row, the rows keep their order.
+    """
+    rows = int(attention_mask.shape[0])
+    if size >= rows:
+        return [torch.arange(rows)]
+    order = torch.argsort(attention_mask.sum(dim=1), descending=True, stable=True)
+    return list(order.split(size))
+
+
 def mini_batches(episode_ids: Tensor, num_mini_batches: int, generator: torch.Generator) -> list[Tensor]:
     """Row indices of ``num_mini_batches`` random mini-batches that never split an episode.
 

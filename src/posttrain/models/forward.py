@@ -51,13 +51,28 @@ def shift_to_tokens(per_prediction: Tensor, attention_mask: Tensor) -> Tensor:
     return torch.where(predicted_token_mask(attention_mask), shifted, torch.zeros_like(shifted))
 
 
-def causal_lm_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Logits ``[batch, time, vocab]`` of a HF causal LM with position ids taken from the mask."""
+def first_action_position(loss_mask: Tensor) -> int:
+    """The first column of ``loss_mask`` ``[batch, time]`` that any row trains on (``time`` if none).
+
+    Log-probs before it are never used, so ``token_logprobs(..., from_position=...)`` can skip the
+    LM head over the prompts.
+    """
+    columns = torch.nonzero(loss_mask.bool().any(dim=0)).flatten()
+    return int(columns[0]) if columns.numel() else int(loss_mask.shape[1])
+
+
+def causal_lm_logits(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, logits_to_keep: int = 0
+) -> Tensor:
+    """Logits of a HF causal LM with position ids taken from the mask: ``[batch, time, vocab]``, or
+    ``[batch, logits_to_keep, vocab]`` for the last positions only (0 = all; HF's own argument)."""
+    extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
     outputs = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
+        **extra,
     )
     return outputs.logits
 
@@ -73,8 +88,9 @@ def logprobs_from_logits(
 ) -> tuple[Tensor, Tensor | None]:
     """Aligned token logprobs (and entropies) from logits.
 
-    ``logits``: ``[batch, time, vocab]``; ``input_ids``, ``attention_mask``: ``[batch, time]``.
-    With ``z = logits[:, t-1] / temperature``:
+    ``logits``: ``[batch, time, vocab]``, or the last ``L <= time`` positions only (as HF's
+    ``logits_to_keep`` gives them: the values are then 0 at the first ``time - L + 1`` tokens);
+    ``input_ids``, ``attention_mask``: ``[batch, time]``. With ``z = logits[:, t-1] / temperature``:
     ``logprobs[:, t] = z[input_ids[:, t]] - logsumexp(z)`` and
     ``entropy[:, t] = logsumexp(z) - sum_v softmax(z)_v z_v``. Both float32 ``[batch, time]``.
     The gather - logsumexp form avoids keeping a full ``log_softmax`` tensor for the logprobs.
@@ -82,18 +98,23 @@ def logprobs_from_logits(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
+    skipped = input_ids.shape[1] - logits.shape[1]  # positions whose logits were not computed
     scaled = logits[:, :-1].float() / temperature
     log_normaliser = torch.logsumexp(scaled, dim=-1)
-    chosen = scaled.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    logprobs = shift_to_tokens(chosen - log_normaliser, attention_mask)
+    chosen = scaled.gather(-1, input_ids[:, skipped + 1 :].unsqueeze(-1)).squeeze(-1)
+    logprobs = shift_to_tokens(_left_pad(chosen - log_normaliser, skipped), attention_mask)
     if not with_entropy:
         return logprobs, None
     source, normaliser = (
         (scaled, log_normaliser) if entropy_grad else (scaled.detach(), log_normaliser.detach())
     )
     expected_logit = (torch.softmax(source, dim=-1) * source).sum(dim=-1)
-    entropy = shift_to_tokens(normaliser - expected_logit, attention_mask)
+    entropy = shift_to_tokens(_left_pad(normaliser - expected_logit, skipped), attention_mask)
     return logprobs, entropy
+
+
+def _left_pad(per_prediction: Tensor, width: int) -> Tensor:
+    return torch.nn.functional.pad(per_prediction, (width, 0)) if width else per_prediction
 
 
 def token_logprobs(
@@ -104,16 +125,23 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = True,
+    from_position: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token log pi(token_t | tokens_<t) of ``model`` (and optionally the entropy of that distribution).
 
     ``input_ids``, ``attention_mask``: ``[batch, time]`` (left or right padding). Returns float32
     ``(logprobs [batch, time], entropy [batch, time] | None)``, 0 at t = 0 and at padding.
-    Gradients flow to the model; wrap in ``torch.no_grad()`` for behaviour / reference passes.
+    ``from_position``: only tokens at ``t >= from_position`` are wanted (e.g. the first action,
+    ``first_action_position(loss_mask)``); the LM head then skips the positions before, whose
+    values are returned as 0. Gradients flow to the model; wrap in ``torch.no_grad()`` for
+    behaviour / reference passes.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
-    logits = causal_lm_logits(model, input_ids, attention_mask)
+    time_steps = input_ids.shape[1]
+    # the logits at position t - 1 predict token t
+    keep = time_steps - from_position + 1 if 1 < from_position < time_steps else 0
+    logits = causal_lm_logits(model, input_ids, attention_mask, logits_to_keep=keep)
     return logprobs_from_logits(
         logits,
         input_ids,

@@ -180,8 +180,11 @@ class ReferencePolicy:
         return cls(reference, shares_policy=False)
 
     @torch.no_grad()
-    def logprobs(self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0) -> Tensor:
-        """log pi_ref(token_t | tokens_<t), ``[batch, time]``, aligned like ``token_logprobs``."""
+    def logprobs(
+        self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0, from_position: int = 0
+    ) -> Tensor:
+        """log pi_ref(token_t | tokens_<t), ``[batch, time]``, aligned like ``token_logprobs`` (and
+        like it 0 before ``from_position``)."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -189,10 +192,20 @@ class ReferencePolicy:
                 assert isinstance(self.model, PeftModel)
                 with self.model.disable_adapter():
                     logprobs, _ = token_logprobs(
-                        self.model, input_ids, attention_mask, temperature=temperature
+                        self.model,
+                        input_ids,
+                        attention_mask,
+                        temperature=temperature,
+                        from_position=from_position,
                     )
             else:
-                logprobs, _ = token_logprobs(self.model, input_ids, attention_mask, temperature=temperature)
+                logprobs, _ = token_logprobs(
+                    self.model,
+                    input_ids,
+                    attention_mask,
+                    temperature=temperature,
+                    from_position=from_position,
+                )
         finally:
             self.model.train(was_training)
         return logprobs

@@ -2,7 +2,7 @@
 
 Two figures: the curves of one run (one panel per metric, raw points plus a moving average) and a
 comparison of groups of runs (one line per group: the mean over its seeds on a common x grid, with
-a shaded min-max band).
+a shaded band: min-max, or mean -+ std).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -56,7 +57,7 @@ def moving_average(y: np.ndarray, half_width: int) -> np.ndarray:
     return np.clip((cumsum[stop] - cumsum[start]) / (stop - start), y.min(), y.max())
 
 
-def _save(fig: Figure, out_png: Path) -> Path:
+def save_figure(fig: Figure, out_png: Path) -> Path:
     """Render with the Agg canvas into a temp file, then rename: readers never see half a PNG."""
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -108,19 +109,23 @@ def plot_training_curves(
     """Write a PNG with one panel per metric in ``keys`` that has at least one finite value (absent
     keys are skipped), x = step. With many points a centred moving average (about n/10 points
     wide) is drawn over the raw curve. ``metrics`` are rows as returned by ``read_metrics``."""
-    return _save(training_curves_figure(metrics, keys, title), out_png)
+    return save_figure(training_curves_figure(metrics, keys, title), out_png)
 
 
 @dataclass(frozen=True)
 class SeedBand:
-    """Seed curves of one group on a common grid: ``x``, ``mean``, ``low`` (min), ``high`` (max),
-    each [num_points], and ``num_seeds``."""
+    """Seed curves of one group on a common grid: ``x``, ``mean``, ``low``, ``high``, each
+    [num_points], and ``num_seeds``. The band is the seeds' min and max (``spread="minmax"``) or
+    ``mean -+ std`` with Bessel's correction (``spread="std"``; zero width for one seed)."""
 
     x: np.ndarray
     mean: np.ndarray
     low: np.ndarray
     high: np.ndarray
     num_seeds: int
+
+
+Spread = Literal["minmax", "std"]
 
 
 def _clean_curve(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -132,13 +137,17 @@ def _clean_curve(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     return x_arr[keep][order], y_arr[keep][order]
 
 
-def seed_band(curves: Sequence[tuple[Any, Any]], num_points: int = 200) -> SeedBand:
-    """Mean and min-max band of several seeds' ``(x, y)`` curves.
+def seed_band(
+    curves: Sequence[tuple[Any, Any]], num_points: int = 200, spread: Spread = "minmax"
+) -> SeedBand:
+    """Mean and band (see :class:`SeedBand`) of several seeds' ``(x, y)`` curves.
 
     Seeds sharing the same x values are combined point by point; otherwise each curve is linearly
     interpolated (``np.interp``) onto ``num_points`` evenly spaced x over the range every seed
     covers, so the mean never averages over a different number of seeds at different x.
     """
+    if spread not in ("minmax", "std"):
+        raise ValueError(f"spread must be 'minmax' or 'std', got {spread!r}")
     cleaned = [_clean_curve(x, y) for x, y in curves]
     cleaned = [(x, y) for x, y in cleaned if x.size]
     if not cleaned:
@@ -154,7 +163,34 @@ def seed_band(curves: Sequence[tuple[Any, Any]], num_points: int = 200) -> SeedB
             raise ValueError(f"seed curves share no x range (latest start {low_x} > earliest end {high_x})")
         grid = np.linspace(low_x, high_x, num_points) if high_x > low_x else np.array([low_x])
         stacked = np.stack([np.interp(grid, x, y) for x, y in cleaned])
-    return SeedBand(grid, stacked.mean(axis=0), stacked.min(axis=0), stacked.max(axis=0), len(cleaned))
+    mean = stacked.mean(axis=0)
+    if spread == "minmax":
+        return SeedBand(grid, mean, stacked.min(axis=0), stacked.max(axis=0), len(cleaned))
+    std = stacked.std(axis=0, ddof=1) if len(cleaned) > 1 else np.zeros_like(mean)
+    return SeedBand(grid, mean, mean - std, mean + std, len(cleaned))
+
+
+def draw_seed_bands(
+    ax: Axes,
+    runs: Mapping[str, Sequence[tuple[Any, Any]]],
+    num_points: int = 200,
+    spread: Spread = "minmax",
+) -> None:
+    """On ``ax``: per group of ``runs`` (name -> seed curves) the mean line of its seeds, labelled
+    with its seed count, and the band shaded when it has several seeds (see :func:`seed_band`)."""
+    if not runs:
+        raise ValueError("runs is empty")
+    for name, curves in runs.items():
+        try:
+            band = seed_band(curves, num_points, spread)
+        except ValueError as err:
+            raise ValueError(f"group {name!r}: {err}") from err
+        label = f"{name} (n={band.num_seeds})" if band.num_seeds > 1 else name
+        (line,) = ax.plot(band.x, band.mean, linewidth=2.0, label=label)
+        if band.num_seeds > 1:
+            ax.fill_between(band.x, band.low, band.high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
 
 
 def curves_by_group_figure(
@@ -163,27 +199,18 @@ def curves_by_group_figure(
     ylabel: str,
     title: str = "",
     num_points: int = 200,
+    spread: Spread = "minmax",
 ) -> Figure:
     """The figure of :func:`plot_curves_by_group` (one axes, one line per group)."""
     if not runs:
         raise ValueError("runs is empty")
     fig = Figure(figsize=(7.0, 4.2), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
-    for name, curves in runs.items():
-        try:
-            band = seed_band(curves, num_points)
-        except ValueError as err:
-            raise ValueError(f"group {name!r}: {err}") from err
-        label = f"{name} (n={band.num_seeds})" if band.num_seeds > 1 else name
-        (line,) = ax.plot(band.x, band.mean, linewidth=2.0, label=label)
-        if band.num_seeds > 1:
-            ax.fill_between(band.x, band.low, band.high, color=line.get_color(), alpha=0.2, linewidth=0)
+    draw_seed_bands(ax, runs, num_points, spread)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
     return fig
 
 
@@ -194,11 +221,12 @@ def plot_curves_by_group(
     ylabel: str,
     title: str = "",
     num_points: int = 200,
+    spread: Spread = "minmax",
 ) -> Path:
     """Write a PNG comparing groups of runs (e.g. algorithms): per group the mean of its seeds'
-    ``(x, y)`` curves, with the min-max band shaded when it has several seeds. ``runs`` maps a
-    group name to its seed curves; see :func:`seed_band` for the common x grid."""
-    return _save(curves_by_group_figure(runs, xlabel, ylabel, title, num_points), out_png)
+    ``(x, y)`` curves, with the band (min-max, or mean -+ std) shaded when it has several seeds.
+    ``runs`` maps a group name to its seed curves; see :func:`seed_band` for the common x grid."""
+    return save_figure(curves_by_group_figure(runs, xlabel, ylabel, title, num_points, spread), out_png)
 
 
 def curves_from_metrics(

@@ -25,7 +25,8 @@ class Rollout:
     """What one ``collect`` call produced.
 
     ``episodes``: ``len(rows) * group_size`` Episodes, those of row i first (group id i).
-    ``metrics``: scalars for metrics.jsonl (``reward_mean``, ``accuracy``, ``response_length``, ...).
+    ``metrics``: scalars for metrics.jsonl (``reward_mean``, ``accuracy``, ``response_length``, ...),
+    including ``time/generate``: seconds spent inside the engine's ``generate``.
     ``samples``: one JSON-ready dict per episode, in episode order, for samples.jsonl.
     ``generated_tokens``: tokens sampled by the policy (all turns), for throughput.
     """

@@ -1,10 +1,11 @@
 """CPU rollout engine on Hugging Face ``generate`` (KV cache, left padding, micro-batches of prompts).
 
-Behaviour logprobs are not taken from ``generate``'s scores: they are recomputed after sampling
-with ``models.forward.token_logprobs`` on the right-padded prompt + completion, at the sampling
-temperature, so they match the training forward pass exactly (same kernels, same position ids).
-They are log-probabilities of the full tempered distribution: top-k / top-p truncation is a
-sampling device and is not part of pi.
+Behaviour logprobs come from the sampler itself: a logits processor placed before generate's
+temperature / top-k / top-p warpers reads each step's raw logits, so no second forward pass is
+needed after sampling. They are log-probabilities of the full tempered distribution (top-k / top-p
+truncation is a sampling device and is not part of pi) and equal the training forward's
+(``models.forward.token_logprobs``, same weights, same position ids) to float tolerance: the KV
+cache only changes the order of float additions.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from posttrain.models.forward import token_logprobs
 from posttrain.rollout.engine import FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams
 
 
@@ -91,6 +91,37 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+class BehaviourLogprobRecorder(LogitsProcessor):
+    """Records log pi(sampled token) at every decoding step, from the logits generate already has.
+
+    Called with ``(input_ids [batch, time], scores [batch, vocab])`` before the warpers, it keeps
+    ``log_softmax(scores / temperature)`` of the current step; on the next call the token sampled
+    from it is ``input_ids[:, -1]``, whose log-prob is then recorded. ``logprobs(sequences, n)``
+    finishes the last step. Memory is one ``[batch, vocab]`` distribution, whatever the length.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.recorded: list[Tensor] = []  # [batch] per generated token
+        self.pending: Tensor | None = None  # [batch, vocab] log-probs of the latest step
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.pending is not None:
+            self.recorded.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def logprobs(self, sequences: Tensor, num_generated: int) -> Tensor:
+        """``[batch, num_generated]`` log-probs of the last ``num_generated`` tokens of ``sequences``
+        (generate may have run, then undone, extra steps; those are dropped)."""
+        if len(self.recorded) < num_generated:
+            assert self.pending is not None and len(self.recorded) == num_generated - 1
+            self.recorded.append(self.pending.gather(-1, sequences[:, -1:]).squeeze(-1))
+        if num_generated == 0:
+            return torch.zeros(sequences.shape[0], 0)
+        return torch.stack(self.recorded[:num_generated], dim=1).cpu()
+
+
 class HFRolloutEngine:
     """``RolloutEngine`` backed by ``model.generate``; shares the policy object, so no weight copy."""
 
@@ -147,12 +178,16 @@ class HFRolloutEngine:
         device = next(self.model.parameters()).device
         input_ids, attention_mask = pad_batch(prompts, self.pad_token_id, left=True)
         policy: Any = self.model  # nn.Module's stubs do not know generate()
+        recorder = BehaviourLogprobRecorder(params.logprob_temperature)
         sequences = policy.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             generation_config=self.generation_config(params),
+            logits_processor=LogitsProcessorList([recorder]),
             tokenizer=self.tokenizer if params.stop else None,  # generate's stop-string criterion needs it
         )
+        num_generated = sequences.shape[1] - input_ids.shape[1]
+        logprobs = recorder.logprobs(sequences, num_generated).tolist()
         generated = sequences[:, input_ids.shape[1] :].tolist()
         cut = [
             cut_at_stop_string(
@@ -162,12 +197,11 @@ class HFRolloutEngine:
             )
             for row in generated
         ]
-        logprobs = self._behaviour_logprobs(prompts, [ids for ids, _ in cut], params.logprob_temperature)
         return [
             Completion(
                 prompt_ids=list(prompt),
                 completion_ids=ids,
-                logprobs=row_logprobs,
+                logprobs=row_logprobs[: len(ids)],
                 finish_reason=reason,
                 text=self._decode(ids),
             )
@@ -176,18 +210,3 @@ class HFRolloutEngine:
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-    def _behaviour_logprobs(
-        self, prompts: list[list[int]], completions: list[list[int]], temperature: float
-    ) -> list[list[float]]:
-        """log pi(completion tokens) from one right-padded training-style forward pass."""
-        full = [list(prompt) + ids for prompt, ids in zip(prompts, completions)]
-        input_ids, attention_mask = pad_batch(full, self.pad_token_id, left=False)
-        device = next(self.model.parameters()).device
-        logprobs, _ = token_logprobs(
-            self.model, input_ids.to(device), attention_mask.to(device), temperature=temperature
-        )
-        rows = logprobs.cpu().tolist()
-        return [
-            row[len(prompt) : len(prompt) + len(ids)] for row, prompt, ids in zip(rows, prompts, completions)
-        ]

@@ -23,6 +23,7 @@ the episode as truncated), ``max_tool_output_tokens`` per observation (cut, with
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -199,10 +200,13 @@ class MultiTurnCollector:
         ]
         generated = 0
         turn = 0
+        generate_seconds = 0.0
         while active := [episode for episode in live if not episode.finished]:
+            started = time.perf_counter()
             completions = self.engine.generate(
                 [episode.tokens for episode in active], params, seed=(seed * 1_000_003 + turn) % 2**63
             )
+            generate_seconds += time.perf_counter() - started
             for episode, completion in zip(active, completions, strict=True):
                 take = self._take_summary if episode.summarizing else self._take_turn
                 generated += take(episode, completion, params.max_new_tokens)
@@ -211,7 +215,7 @@ class MultiTurnCollector:
             episode.close_trace(ended=episode.done)
         return Rollout(
             episodes=[Episode(traces=episode.traces) for episode in live],
-            metrics=self._metrics(live),
+            metrics={**self._metrics(live), "time/generate": generate_seconds},
             samples=[self._sample(episode) for episode in live],
             generated_tokens=generated,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,7 +63,9 @@ class SingleTurnCollector:
         sample_rows = [row for row in rows for _ in range(group_size)]
         prompts = [row["prompt"] for row in sample_rows]
         prompt_ids = [encode_prompt(self.tokenizer, prompt) for prompt in prompts]
+        started = time.perf_counter()
         completions = self.engine.generate(prompt_ids, params, seed=seed)
+        generate_seconds = time.perf_counter() - started
         rewards, per_fn = score_completions(
             self.reward_terms,
             prompts,
@@ -92,6 +95,7 @@ class SingleTurnCollector:
             "accuracy": fraction([score >= 1.0 for score in per_fn[self.reward_terms[0].name]]),
             "response_length": mean([len(c.completion_ids) for c in completions]),
             "truncated_fraction": fraction([c.finish_reason == FINISH_LENGTH for c in completions]),
+            "time/generate": generate_seconds,
         }
         metrics.update({f"reward/{name}": mean(scores) for name, scores in per_fn.items()})
         # each term's spread: one that never varies teaches nothing (train/watch.py warns)

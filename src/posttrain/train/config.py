@@ -273,8 +273,9 @@ class RolloutConfig(Section):
     )
     reuse_logprobs: bool = Field(
         True,
-        description="use the engine's log-probs as old_logprobs when it computes them with the "
-        "training forward on the current weights (the HF engine); False recomputes them",
+        description="use the engine's log-probs as old_logprobs when they match the training forward "
+        "on the current weights to float tolerance (the HF engine reads them from its sampling "
+        "logits); False recomputes them with one more forward pass",
     )
 
 

@@ -22,11 +22,11 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
+# the file names and the metrics reader are shared with the reports, which read finished runs
+from posttrain.report.runs import CONFIG_FILE, METRICS_FILE, read_metrics  # noqa: F401 (re-exported)
 from posttrain.train.checkpoint import checkpoint_step, latest_checkpoint, write_text_atomic
 
-METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
-CONFIG_FILE = "config.yaml"
 TENSORBOARD_DIR = "tensorboard"
 
 # (metric key, short label) shown by the progress bar, in this order, when present.
@@ -86,28 +86,6 @@ def _dumps(record: Mapping[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Files
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl`` (or of ``<run_dir>/metrics.jsonl`` when given a directory).
-
-    ``null`` values come back as ``nan`` so every metric is a float. A truncated last line (the
-    process died mid-write) is skipped; a malformed line anywhere else raises ``ValueError``.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows: list[dict[str, Any]] = []
-    for index, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if index == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{index + 1}: malformed metrics line") from err
-        rows.append({k: (math.nan if v is None and k != "step" else v) for k, v in record.items()})
-    return rows
 
 
 def truncate_jsonl_after(path: Path, step: int) -> None:

@@ -25,9 +25,9 @@ from posttrain.algorithms.presets import AlgorithmPreset
 from posttrain.algorithms.registry import ADVANTAGES, POLICY_LOSSES
 from posttrain.algorithms.shaping import dynamic_sampling_keep, overlong_penalty
 from posttrain.algorithms.value import clipped_value_loss, explained_variance
-from posttrain.data.batch import Batch, collate_episodes, mini_batches
+from posttrain.data.batch import Batch, collate_episodes, micro_batches, mini_batches
 from posttrain.data.trace import Episode
-from posttrain.models.forward import token_logprobs
+from posttrain.models.forward import first_action_position, token_logprobs
 from posttrain.rollout.collector import Collector
 from posttrain.rollout.engine import RolloutEngine, SamplingParams
 from posttrain.train.config import TrainConfig
@@ -126,13 +126,20 @@ def fill_old_ref_values(state: TrainState, batch: Batch, temperature: float) -> 
     old, ref, values = [], [], []
     for rows in torch.arange(len(batch)).split(micro):
         part = batch.select(rows)
+        first_action = first_action_position(part.loss_mask)
         if not reuse:
             logp, _ = token_logprobs(
-                state.policy, part.input_ids, part.attention_mask, temperature=temperature
+                state.policy,
+                part.input_ids,
+                part.attention_mask,
+                temperature=temperature,
+                from_position=first_action,
             )
             old.append(_pad_to(logp, width))
         if state.reference is not None:
-            ref_logp = state.reference.logprobs(part.input_ids, part.attention_mask, temperature=temperature)
+            ref_logp = state.reference.logprobs(
+                part.input_ids, part.attention_mask, temperature=temperature, from_position=first_action
+            )
             ref.append(_pad_to(ref_logp, width))
         if state.critic is not None:
             values.append(_pad_to(state.critic(part.input_ids, part.attention_mask), width))
@@ -176,7 +183,8 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
     """Epochs x mini-batches of optimizer steps with gradient accumulation over micro-batches.
 
     Returns metrics averaged over optimizer steps: losses are the mini-batch losses (whatever the
-    micro-batch size), other metrics the mean over micro-batches.
+    micro-batch size), other metrics the mean over micro-batches; ``time/forward_backward`` and
+    ``time/optimizer`` are summed seconds.
     """
     cfg, preset = state.config, state.preset
     temperature = logprob_temperature(cfg)
@@ -186,6 +194,7 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
     # dynamic sampling may leave fewer episodes than the configured number of mini-batches
     num_mini_batches = min(cfg.optim.num_mini_batches, int(torch.unique(batch.episode_ids).numel()))
     sums: dict[str, float] = {}
+    seconds = {"time/forward_backward": 0.0, "time/optimizer": 0.0}
     num_micro = num_steps = skipped = 0
     state.policy.train()
     for _epoch in range(cfg.optim.epochs):
@@ -199,13 +208,17 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
             )
             # the critic regresses every token equally, whatever the policy's aggregation
             mini.value_weights = token_weights(mini.loss_mask, "token-mean")
-            for micro_rows in torch.arange(len(mini)).split(cfg.optim.micro_batch_size):
+            started = time.perf_counter()
+            for micro_rows in micro_batches(mini.attention_mask, cfg.optim.micro_batch_size):
                 micro = mini.select(micro_rows)
                 metrics = _micro_batch_backward(state, micro, temperature, train_policy, kl_in_loss)
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
                 num_micro += 1
+            backward_done = time.perf_counter()
             grad_norm = _optimizer_step(state, train_policy)
+            seconds["time/forward_backward"] += backward_done - started
+            seconds["time/optimizer"] += time.perf_counter() - backward_done
             if math.isfinite(grad_norm):
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
                 num_steps += 1
@@ -218,6 +231,7 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
     }
     metrics["skipped_updates"] = float(skipped)
     metrics["updates"] = float(num_steps)
+    metrics.update(seconds)
     return metrics
 
 
@@ -236,6 +250,7 @@ def _micro_batch_backward(
             temperature=temperature,
             with_entropy=True,
             entropy_grad=want_entropy,  # otherwise a metric only
+            from_position=first_action_position(micro.loss_mask),  # no LM head over the prompts
         )
         assert entropy is not None
         per_token, loss_metrics = POLICY_LOSSES.call(
@@ -355,11 +370,12 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
     metrics.update(shaping_metrics)
     batch = collate_episodes(episodes, state.tokenizer.pad_token_id)
     fill_old_ref_values(state, batch, logprob_temperature(cfg))
-    metrics.update(compute_advantages(state, batch))
     t2 = time.perf_counter()
+    metrics.update(compute_advantages(state, batch))
+    t3 = time.perf_counter()
     policy_trained = policy_trains(state)
     metrics.update(update(state, batch, seed))
-    t3 = time.perf_counter()
+    t4 = time.perf_counter()
     _check_finite(state, metrics)
     with warnings.catch_warnings():
         # the schedule follows RL steps, also through a step whose every update was skipped
@@ -380,10 +396,14 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
     generated = rollout.generated_tokens
     metrics.update(
         {
-            "time/generate": t1 - t0,
-            "time/score_and_prepare": t2 - t1,
-            "time/train": t3 - t2,
-            "tokens_per_s": generated / max(t3 - t0, 1e-9),
+            # time/generate (inside the engine) came with the rollout; the rest of collecting is
+            # scoring: reward functions, environment steps, tokenization
+            "time/rewards": max(t1 - t0 - metrics["time/generate"], 0.0),
+            "time/logprobs": t2 - t1,  # collate + old / reference log-probs + values
+            "time/advantages": t3 - t2,
+            "time/train": t4 - t3,  # time/forward_backward + time/optimizer + metric bookkeeping
+            "time/step": t4 - t0,
+            "tokens_per_s": generated / max(t4 - t0, 1e-9),
             "sampled_tokens": float(generated),
             "lr": state.policy_optimizer.param_groups[0]["lr"],
         }
