@@ -18,6 +18,7 @@ from posttrain.models.load import (
     load_policy,
     save_policy,
 )
+from posttrain.models.prefix import ActionForward
 from posttrain.train.config import ConfigError, load_config
 
 IDS = torch.tensor([[5, 9, 12, 7, 20, 3], [8, 6, 11, 2, 0, 0]])
@@ -63,11 +64,13 @@ def test_full_policy_all_trainable_reference_is_frozen_copy(tiny_model_dir: Path
     reference = ReferencePolicy.create(tiny_model_dir, policy)
     assert reference.model is not policy
     assert not any(p.requires_grad for p in reference.model.parameters())
-    before = reference.logprobs(IDS, MASK)
+    before = reference.logprobs(ActionForward.plan(IDS, MASK, MASK, share=False))
     policy.train()
     policy_step(policy)
     assert policy.training
-    torch.testing.assert_close(reference.logprobs(IDS, MASK), before, atol=0, rtol=0)
+    torch.testing.assert_close(
+        reference.logprobs(ActionForward.plan(IDS, MASK, MASK, share=False)), before, atol=0, rtol=0
+    )
     with torch.no_grad():
         after, _ = token_logprobs(policy.eval(), IDS, MASK)
     assert not torch.allclose(after, before, atol=1e-4)
@@ -86,14 +89,20 @@ def test_lora_only_adapters_train_and_reference_is_the_base(tiny_model_dir: Path
     reference = ReferencePolicy.create(tiny_model_dir, policy)
     assert reference.model is policy  # no second copy
     torch.testing.assert_close(
-        reference.logprobs(IDS, MASK, temperature=0.8), base_logprobs, atol=1e-6, rtol=0
+        reference.logprobs(ActionForward.plan(IDS, MASK, MASK, share=False), temperature=0.8),
+        base_logprobs,
+        atol=1e-6,
+        rtol=0,
     )
 
     policy.train()
     policy_step(policy)
     assert policy.training
     torch.testing.assert_close(
-        reference.logprobs(IDS, MASK, temperature=0.8), base_logprobs, atol=1e-6, rtol=0
+        reference.logprobs(ActionForward.plan(IDS, MASK, MASK, share=False), temperature=0.8),
+        base_logprobs,
+        atol=1e-6,
+        rtol=0,
     )
     assert policy.training  # reference pass restored the mode
     with torch.no_grad():

@@ -436,6 +436,33 @@ def test_gradient_accumulation_equals_one_big_micro_batch(setup, algorithm: str)
     assert metrics[0]["grad_norm"] == pytest.approx(metrics[1]["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_shared_prompts_give_the_update_of_full_rows_with_fewer_tokens(setup, algorithm: str) -> None:
+    moved, metrics, tokens = [], [], []
+    for share in (True, False):
+        state = make_state(
+            setup, f"algorithm={algorithm}", f"optim.share_prompts={share}", "optim.max_grad_norm=1e6"
+        )
+        use_sgd(state, lr=0.5)
+        before, critic_before = snapshot(state.policy), snapshot(state.critic) if state.critic else {}
+        seen: list[int] = []
+        hook = state.policy.get_input_embeddings().register_forward_hook(
+            lambda _m, inputs, _o, seen=seen: seen.append(inputs[0].numel())
+        )
+        metrics.append(rl_step(state, prompts_for(setup, state)))
+        hook.remove()
+        tokens.append(sum(seen))
+        moved.append(deltas(state.policy, before))
+        if state.critic is not None:
+            moved[-1].update({f"critic.{k}": v for k, v in deltas(state.critic, critic_before).items()})
+    assert tokens[0] < tokens[1]  # the prompts ran once per group (generation included in both)
+    for name in moved[0]:
+        torch.testing.assert_close(moved[0][name], moved[1][name], atol=1e-6, rtol=1e-4)
+    for key in ("policy_loss", "grad_norm", "kl", "value_loss"):
+        if key in metrics[1]:
+            assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-4, abs=1e-6)
+
+
 def test_first_mini_batch_is_on_policy_and_later_epochs_are_not(setup) -> None:
     state = make_state(setup, "optim.lr=0.02")
     metrics = rl_step(state, prompts_for(setup, state))

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedModel
 
 from posttrain.models.forward import position_ids_from_mask, shift_to_tokens
+from posttrain.models.prefix import SharedPrompts, shared_prompt_outputs
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_INIT_STD = 1e-3  # near-zero start: early value loss is driven by the bias, not noise
@@ -58,8 +59,15 @@ class ValueModel(nn.Module):
         }
         save_file(head_state, str(folder / VALUE_HEAD_FILE))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Values ``[batch, time]`` (float32) for ``input_ids`` / ``attention_mask`` ``[batch, time]``."""
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, shared: SharedPrompts | None = None
+    ) -> Tensor:
+        """Values ``[batch, time]`` (float32) for ``input_ids`` / ``attention_mask`` ``[batch, time]``;
+        with ``shared`` (``models.prefix.share_prompts``) each distinct prompt runs once and the
+        values before each row's first action are 0."""
+        if shared is not None:
+            hidden_before = shared_prompt_outputs(self.backbone, shared, lambda out: out.last_hidden_state)
+            return shared.to_tokens(self.value_head(hidden_before).squeeze(-1).float())
         hidden = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,

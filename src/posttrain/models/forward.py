@@ -92,25 +92,50 @@ def logprobs_from_logits(
     ``logits_to_keep`` gives them: the values are then 0 at the first ``time - L + 1`` tokens);
     ``input_ids``, ``attention_mask``: ``[batch, time]``. With ``z = logits[:, t-1] / temperature``:
     ``logprobs[:, t] = z[input_ids[:, t]] - logsumexp(z)`` and
-    ``entropy[:, t] = logsumexp(z) - sum_v softmax(z)_v z_v``. Both float32 ``[batch, time]``.
-    The gather - logsumexp form avoids keeping a full ``log_softmax`` tensor for the logprobs.
-    ``entropy_grad=False`` computes the entropy as a metric only, keeping no graph for it.
+    ``entropy[:, t] = logsumexp(z) - sum_v softmax(z)_v z_v`` (``prediction_logprobs``). Both
+    float32 ``[batch, time]``.
+    """
+    skipped = input_ids.shape[1] - logits.shape[1]  # positions whose logits were not computed
+    logprobs, entropy = prediction_logprobs(
+        logits[:, :-1],
+        input_ids[:, skipped + 1 :],
+        temperature=temperature,
+        with_entropy=with_entropy,
+        entropy_grad=entropy_grad,
+    )
+    logprobs = shift_to_tokens(_left_pad(logprobs, skipped), attention_mask)
+    if entropy is None:
+        return logprobs, None
+    return logprobs, shift_to_tokens(_left_pad(entropy, skipped), attention_mask)
+
+
+def prediction_logprobs(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """log-prob of each ``targets[b, i]`` under ``logits[b, i]`` (the logits that predict it), and the
+    entropy of that distribution: ``[batch, n]`` each, from ``logits`` ``[batch, n, vocab]``.
+
+    With ``z = logits / temperature``: ``logprob = z[target] - logsumexp(z)``,
+    ``entropy = logsumexp(z) - sum_v softmax(z)_v z_v``. The gather - logsumexp form avoids keeping a
+    full ``log_softmax`` tensor; ``entropy_grad=False`` computes the entropy as a metric only.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
-    skipped = input_ids.shape[1] - logits.shape[1]  # positions whose logits were not computed
-    scaled = logits[:, :-1].float() / temperature
+    scaled = logits.float() / temperature
     log_normaliser = torch.logsumexp(scaled, dim=-1)
-    chosen = scaled.gather(-1, input_ids[:, skipped + 1 :].unsqueeze(-1)).squeeze(-1)
-    logprobs = shift_to_tokens(_left_pad(chosen - log_normaliser, skipped), attention_mask)
+    logprobs = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normaliser
     if not with_entropy:
         return logprobs, None
     source, normaliser = (
         (scaled, log_normaliser) if entropy_grad else (scaled.detach(), log_normaliser.detach())
     )
     expected_logit = (torch.softmax(source, dim=-1) * source).sum(dim=-1)
-    entropy = shift_to_tokens(_left_pad(normaliser - expected_logit, skipped), attention_mask)
-    return logprobs, entropy
+    return logprobs, normaliser - expected_logit
 
 
 def _left_pad(per_prediction: Tensor, width: int) -> Tensor:
@@ -140,7 +165,7 @@ def token_logprobs(
         raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
     time_steps = input_ids.shape[1]
     # the logits at position t - 1 predict token t
-    keep = time_steps - from_position + 1 if 1 < from_position < time_steps else 0
+    keep = max(time_steps - from_position + 1, 1) if from_position > 1 else 0
     logits = causal_lm_logits(model, input_ids, attention_mask, logits_to_keep=keep)
     return logprobs_from_logits(
         logits,

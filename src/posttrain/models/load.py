@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from posttrain.models.forward import token_logprobs
+from posttrain.models.prefix import ActionForward
 
 # what save_pretrained writes: any one of these names a folder's tokenizer / weights
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -180,32 +180,18 @@ class ReferencePolicy:
         return cls(reference, shares_policy=False)
 
     @torch.no_grad()
-    def logprobs(
-        self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0, from_position: int = 0
-    ) -> Tensor:
-        """log pi_ref(token_t | tokens_<t), ``[batch, time]``, aligned like ``token_logprobs`` (and
-        like it 0 before ``from_position``)."""
+    def logprobs(self, plan: ActionForward, temperature: float = 1.0) -> Tensor:
+        """log pi_ref(token_t | tokens_<t), ``[batch, time]``, of the micro-batch ``plan`` runs
+        (aligned like ``token_logprobs``; 0 before each row's first action)."""
         was_training = self.model.training
         self.model.eval()
         try:
             if self.shares_policy:
                 assert isinstance(self.model, PeftModel)
                 with self.model.disable_adapter():
-                    logprobs, _ = token_logprobs(
-                        self.model,
-                        input_ids,
-                        attention_mask,
-                        temperature=temperature,
-                        from_position=from_position,
-                    )
+                    logprobs, _ = plan.logprobs(self.model, temperature=temperature)
             else:
-                logprobs, _ = token_logprobs(
-                    self.model,
-                    input_ids,
-                    attention_mask,
-                    temperature=temperature,
-                    from_position=from_position,
-                )
+                logprobs, _ = plan.logprobs(self.model, temperature=temperature)
         finally:
             self.model.train(was_training)
         return logprobs

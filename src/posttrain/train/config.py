@@ -479,7 +479,17 @@ class OptimConfig(Section):
     )
     epochs: int = Field(1, ge=1, description="passes over each step's rollouts")
     num_mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch")
-    micro_batch_size: int = Field(64, ge=1, description="rows per forward/backward (accumulated)")
+    micro_batch_size: int = Field(
+        64,
+        ge=1,
+        description="rows per forward/backward (accumulated); rows of similar length go together",
+    )
+    share_prompts: bool = Field(
+        True,
+        description="rows of a micro-batch that start with the same prompt (a group's samples) run it "
+        "through the model once, sharing its KV cache (same values and gradients to float "
+        "tolerance); false runs every row in full",
+    )
     max_grad_norm: float = Field(1.0, gt=0.0)
     max_nonfinite_steps: int = Field(
         3,

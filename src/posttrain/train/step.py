@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from posttrain.algorithms.aggregate import aggregate, token_weights
 from posttrain.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty
@@ -27,7 +26,7 @@ from posttrain.algorithms.shaping import dynamic_sampling_keep, overlong_penalty
 from posttrain.algorithms.value import clipped_value_loss, explained_variance
 from posttrain.data.batch import Batch, collate_episodes, micro_batches, mini_batches
 from posttrain.data.trace import Episode
-from posttrain.models.forward import first_action_position, token_logprobs
+from posttrain.models.prefix import ActionForward
 from posttrain.rollout.collector import Collector
 from posttrain.rollout.engine import RolloutEngine, SamplingParams
 from posttrain.train.config import TrainConfig
@@ -121,35 +120,26 @@ def fill_old_ref_values(state: TrainState, batch: Batch, temperature: float) -> 
     ``rollout.reuse_logprobs`` is off, saving one policy forward pass per step.
     """
     reuse = state.config.rollout.reuse_logprobs and getattr(state.engine, "logprobs_match_policy", False)
-    micro = state.config.optim.micro_batch_size
-    width = batch.input_ids.shape[1]
-    old, ref, values = [], [], []
-    for rows in torch.arange(len(batch)).split(micro):
+    optim = state.config.optim
+    old = torch.zeros_like(batch.loss_mask)
+    ref = torch.zeros_like(batch.loss_mask) if state.reference is not None else None
+    values = torch.zeros_like(batch.loss_mask) if state.critic is not None else None
+    for rows in micro_batches(batch.attention_mask, optim.micro_batch_size):
         part = batch.select(rows)
-        first_action = first_action_position(part.loss_mask)
+        plan = ActionForward.plan(
+            part.input_ids, part.attention_mask, part.loss_mask, share=optim.share_prompts
+        )
+        width = part.input_ids.shape[1]
         if not reuse:
-            logp, _ = token_logprobs(
-                state.policy,
-                part.input_ids,
-                part.attention_mask,
-                temperature=temperature,
-                from_position=first_action,
-            )
-            old.append(_pad_to(logp, width))
-        if state.reference is not None:
-            ref_logp = state.reference.logprobs(
-                part.input_ids, part.attention_mask, temperature=temperature, from_position=first_action
-            )
-            ref.append(_pad_to(ref_logp, width))
-        if state.critic is not None:
-            values.append(_pad_to(state.critic(part.input_ids, part.attention_mask), width))
-    batch.old_logprobs = batch.rollout_logprobs * batch.loss_mask if reuse else torch.cat(old)
-    batch.ref_logprobs = torch.cat(ref) if ref else None
-    batch.values = torch.cat(values) * batch.loss_mask if values else None
-
-
-def _pad_to(x: Tensor, width: int) -> Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+            old[rows, :width] = plan.logprobs(state.policy, temperature=temperature)[0]
+        if ref is not None and state.reference is not None:
+            ref[rows, :width] = state.reference.logprobs(plan, temperature=temperature)
+        if values is not None and state.critic is not None:
+            values[rows, :width] = state.critic(part.input_ids, part.attention_mask, shared=plan.shared)
+    batch.old_logprobs = batch.rollout_logprobs if reuse else old
+    batch.old_logprobs = batch.old_logprobs * batch.loss_mask
+    batch.ref_logprobs = ref
+    batch.values = values * batch.loss_mask if values is not None else None
 
 
 def compute_advantages(state: TrainState, batch: Batch) -> dict[str, float]:
@@ -241,16 +231,17 @@ def _micro_batch_backward(
     cfg, preset = state.config, state.preset
     assert micro.loss_weights is not None and micro.advantages is not None
     metrics: dict[str, float] = {}
+    # each distinct prompt runs once, and no LM head over the prompts
+    plan = ActionForward.plan(
+        micro.input_ids, micro.attention_mask, micro.loss_mask, share=cfg.optim.share_prompts
+    )
     if train_policy:
         want_entropy = cfg.optim.entropy_coef > 0
-        logprobs, entropy = token_logprobs(
+        logprobs, entropy = plan.logprobs(
             state.policy,
-            micro.input_ids,
-            micro.attention_mask,
             temperature=temperature,
             with_entropy=True,
             entropy_grad=want_entropy,  # otherwise a metric only
-            from_position=first_action_position(micro.loss_mask),  # no LM head over the prompts
         )
         assert entropy is not None
         per_token, loss_metrics = POLICY_LOSSES.call(
@@ -277,7 +268,7 @@ def _micro_batch_backward(
         loss.backward()
     if state.critic is not None:
         assert micro.values is not None and micro.returns is not None
-        new_values = state.critic(micro.input_ids, micro.attention_mask)
+        new_values = state.critic(micro.input_ids, micro.attention_mask, shared=plan.shared)
         per_token_v, v_metrics = clipped_value_loss(
             new_values,
             micro.values,
