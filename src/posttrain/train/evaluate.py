@@ -25,7 +25,9 @@ def evaluate(
     with torch.no_grad():
         rollout = collector.collect(rows, params, group_size=1, seed=seed)
     metrics: dict[str, Any] = {
-        "eval_" + ("reward" if key == "reward_mean" else key): value for key, value in rollout.metrics.items()
+        "eval_" + ("reward" if key == "reward_mean" else key): value
+        for key, value in rollout.metrics.items()
+        if not key.startswith("time/")  # a score, not a timing: evaluations of one model agree
     }
     metrics["samples"] = rollout.samples
     return metrics

@@ -35,7 +35,7 @@ from posttrain.rollout.scripted import ScriptedEngine
 from posttrain.rollout.single_turn import SingleTurnCollector
 from posttrain.train.config import TrainConfig
 from posttrain.train.step import TrainState
-from posttrain.train.warmstart import Demonstration, DemonstrationSource, warm_start
+from posttrain.train.warmstart import Demonstration, DemonstrationSource, adamw, warm_start
 from posttrain.train.watch import warn_once
 
 
@@ -344,7 +344,7 @@ def build_state(
     critic_source = critic_path or cfg.model.critic_path or model_path
     critic = ValueModel.from_pretrained(critic_source) if preset.uses_critic else None
     optim = cfg.optim
-    policy_optimizer = torch.optim.AdamW(
+    policy_optimizer = adamw(
         [p for p in policy.parameters() if p.requires_grad], lr=optim.lr, weight_decay=optim.weight_decay
     )
     # the policy waits out the critic warm-up, so its schedule spans the remaining steps
@@ -354,7 +354,7 @@ def build_state(
     )
     critic_optimizer = critic_scheduler = None
     if critic is not None:
-        critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=optim.critic_lr)
+        critic_optimizer = adamw(list(critic.parameters()), lr=optim.critic_lr)
         critic_scheduler = lr_scheduler(critic_optimizer, optim.lr_schedule, optim.warmup_steps, optim.steps)
     kl_controller: FixedKLController | AdaptiveKLController | None = None
     if needs_reference:
