@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from transformers import AutoConfig, AutoModel
 
 from posttrain.algorithms.kl import AdaptiveKLController, FixedKLController
 from posttrain.algorithms.presets import PRESETS
@@ -29,7 +30,7 @@ from posttrain.train.setup import (
     embedded_model_path,
     seed_everything,
 )
-from posttrain.train.step import sampling_params
+from posttrain.train.step import rl_step, sampling_params
 
 SMALL = [
     "model.tiny_hidden_size=32",
@@ -583,6 +584,38 @@ def test_config_critic_path_initialises_the_critic(base, tmp_path: Path) -> None
     critic.save_pretrained(tmp_path / "critic")
     _, state = _state(base, "algorithm=ppo", f"model.critic_path={tmp_path / 'critic'}")
     assert state.critic.value_head.bias.item() == 3.0
+
+
+def _small_critic(path: Path, out: Path, vocab_size: int) -> Path:
+    config = AutoConfig.from_pretrained(path)
+    config.hidden_size, config.num_hidden_layers, config.intermediate_size = 16, 1, 32
+    config.num_attention_heads = config.num_key_value_heads = 2
+    config.vocab_size = vocab_size
+    torch.manual_seed(0)
+    ValueModel(AutoModel.from_config(config)).save_pretrained(out)
+    return out
+
+
+def test_a_smaller_critic_than_the_policy_trains_with_ppo(base, tmp_path: Path) -> None:
+    _, task, path = base
+    policy_config = AutoConfig.from_pretrained(path)
+    critic_dir = _small_critic(path, tmp_path / "small_critic", policy_config.vocab_size)
+    _, state = _state(base, "algorithm=ppo", f"model.critic_path={critic_dir}", "rollout.prompts_per_step=2")
+    assert state.critic.backbone.config.hidden_size == 16 < policy_config.hidden_size
+    head_before = state.critic.value_head.weight.detach().clone()
+    metrics = rl_step(state, task.train[:2])
+    assert metrics["value_loss"] > 0
+    assert not torch.equal(state.critic.value_head.weight, head_before)
+
+
+def test_a_critic_with_a_smaller_vocabulary_is_refused(base, tmp_path: Path) -> None:
+    _, _, path = base
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    critic_dir = _small_critic(path, tmp_path / "narrow_critic", vocab - 5)
+    with pytest.raises(
+        ValueError, match=r"model\.critic_path: .*vocabulary of \d+ tokens.*tokenizer has \d+"
+    ):
+        _state(base, "algorithm=ppo", f"model.critic_path={critic_dir}")
 
 
 # ------------------------------------------------------------------------------- seeding

@@ -343,6 +343,14 @@ def build_state(
     reference = ReferencePolicy.create(model_path, policy, hub=cfg.model.hub) if needs_reference else None
     critic_source = critic_path or cfg.model.critic_path or model_path
     critic = ValueModel.from_pretrained(critic_source) if preset.uses_critic else None
+    if critic is not None:  # any size of critic works, as long as it can embed every token
+        critic_vocab = int(critic.backbone.config.get_text_config().vocab_size)
+        if critic_vocab < len(tokenizer):
+            raise ValueError(
+                f"model.critic_path: the critic at {critic_source} has a vocabulary of {critic_vocab} "
+                f"tokens but the policy's tokenizer has {len(tokenizer)}; use a critic of the policy's "
+                "model family (same tokenizer), smaller or not"
+            )
     optim = cfg.optim
     policy_optimizer = adamw(
         [p for p in policy.parameters() if p.requires_grad], lr=optim.lr, weight_decay=optim.weight_decay
