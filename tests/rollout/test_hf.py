@@ -5,6 +5,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from posttrain.models.forward import token_logprobs
@@ -325,6 +327,20 @@ def test_cut_at_stop_string_hand_cases(
     ids: list[int], reason: str, stop: tuple[str, ...], expected: tuple[list[int], str]
 ) -> None:
     assert cut_at_stop_string(ids, reason, stop, fake_decode) == expected
+
+
+@given(
+    ids=st.lists(st.sampled_from(sorted(VOCAB)), max_size=12),
+    stop=st.lists(st.sampled_from(["\n", "</tool_call>", "x", "lookup"]), max_size=2),
+)
+def test_cut_at_stop_string_finds_the_shortest_prefix_like_a_linear_scan(
+    ids: list[int], stop: list[str]
+) -> None:
+    first = next(
+        (end for end in range(1, len(ids) + 1) if any(s in fake_decode(ids[:end]) for s in stop)), None
+    )
+    expected = (ids, "length") if first is None else (ids[:first], "stop")
+    assert cut_at_stop_string(ids, "length", tuple(stop), fake_decode) == expected
 
 
 def test_recorder_reads_each_sampled_token_from_the_step_that_sampled_it() -> None:

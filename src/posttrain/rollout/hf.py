@@ -46,13 +46,23 @@ def cut_at_stop_string(
     ids: list[int], reason: str, stop: Sequence[str], decode: Any
 ) -> tuple[list[int], str]:
     """The shortest prefix of ``ids`` whose text contains one of the ``stop`` strings (finish "stop");
-    ``(ids, reason)`` unchanged when none occurs. ``decode`` maps token ids to text."""
-    if not stop or not any(text in decode(ids) for text in stop):
+    ``(ids, reason)`` unchanged when none occurs. ``decode`` maps token ids to text.
+
+    A prefix that contains a stop string stays containing it as it grows, so the shortest one is
+    found by bisection: O(log n) decodes instead of one per prefix.
+    """
+
+    def stops(end: int) -> bool:
+        text = decode(ids[:end])
+        return any(s in text for s in stop)
+
+    if not stop or not stops(len(ids)):
         return ids, reason
-    for end in range(1, len(ids) + 1):
-        if any(text in decode(ids[:end]) for text in stop):
-            return ids[:end], FINISH_STOP
-    return ids, reason
+    low, high = 0, len(ids)  # stops(high) holds; stops(low) does not (the empty prefix)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if stops(middle) else (middle, high)
+    return ids[:high], FINISH_STOP
 
 
 def eos_ids_of(model: nn.Module, tokenizer: Any) -> set[int]:
