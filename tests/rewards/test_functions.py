@@ -313,3 +313,17 @@ def test_a_reward_function_calling_sys_exit_is_an_error_not_an_exit(timeout_s: f
         score_completions(
             [("batch_quits", batch_quits, 1.0)], PROMPTS, COMPLETIONS, ROWS, timeout_s=timeout_s
         )
+
+
+def test_the_time_limit_is_per_call_not_per_batch() -> None:
+    calls: list[str] = []
+
+    def slowish(prompt: str, completion: str, **row: Any) -> float:
+        calls.append(prompt)
+        time.sleep(0.1)
+        return 1.0
+
+    # four calls of 0.1 s each take longer than the 0.25 s limit together, but none alone does
+    prompts = ["a", "b", "c", "d"]
+    totals, _ = score_completions([("slowish", slowish, 1.0)], prompts, ["x"] * 4, [{}] * 4, timeout_s=0.25)
+    assert totals == [1.0] * 4 and calls == prompts  # in order, each once

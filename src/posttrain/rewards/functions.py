@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -173,27 +174,64 @@ class _TimedOut(Exception):
 def _call(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], timeout_s: float | None
 ) -> Any:
-    """``fn(*args, **kwargs)``, given at most ``timeout_s`` seconds when set: the call runs in a
-    daemon thread, and one that hangs is abandoned there (Python cannot kill a thread), so the
-    trainer stops cleanly instead of waiting forever."""
+    """``fn(*args, **kwargs)``, given at most ``timeout_s`` seconds when set (see ``_call_each``)."""
+    [value] = _call_each(fn, [(args, kwargs)], timeout_s)
+    return value
+
+
+class _CallFailed(Exception):
+    """Call ``index`` of ``_call_each`` raised (or timed out): ``__cause__`` holds why."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
+
+
+def _call_each(
+    fn: Callable[..., Any], calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]], timeout_s: float | None
+) -> list[Any]:
+    """``fn(*args, **kwargs)`` for each call, in order; raises ``_CallFailed(index)`` from the first
+    call that raises (SystemExit included) or runs longer than ``timeout_s`` seconds.
+
+    With a limit, the calls run one after another in a single daemon thread (one thread per batch,
+    not per call: starting threads cost more than a cheap reward) while this thread watches the
+    current call's clock; one that hangs is abandoned there (Python cannot kill a thread), so the
+    trainer stops cleanly instead of waiting forever.
+    """
     if timeout_s is None:
-        return fn(*args, **kwargs)
-    box: dict[str, Any] = {}
+        values = []
+        for index, (args, kwargs) in enumerate(calls):
+            try:
+                values.append(fn(*args, **kwargs))
+            except (Exception, SystemExit) as error:
+                raise _CallFailed(index) from error
+        return values
+    values = []
+    failure: list[tuple[int, BaseException]] = []
+    current = [(0, time.monotonic())]  # (index, start) of the running call, replaced atomically
 
     def target() -> None:
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as error:  # re-raised in the caller's thread, SystemExit included
-            box["error"] = error
+        for index, (args, kwargs) in enumerate(calls):
+            current[0] = (index, time.monotonic())
+            try:
+                values.append(fn(*args, **kwargs))
+            except BaseException as error:  # re-raised in the caller's thread, SystemExit included
+                failure.append((index, error))
+                return
 
     thread = threading.Thread(target=target, name="posttrain-reward", daemon=True)
     thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise _TimedOut
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    while True:
+        index, started = current[0]
+        thread.join(max(started + timeout_s - time.monotonic(), 0.0))
+        if not thread.is_alive():
+            break
+        if current[0] == (index, started) and time.monotonic() >= started + timeout_s:
+            raise _CallFailed(index) from _TimedOut()
+    if failure:
+        index, error = failure[0]
+        raise _CallFailed(index) from error
+    return values
 
 
 def _failure(name: str, error: BaseException, timeout_s: float | None, where: str) -> str:
@@ -215,18 +253,21 @@ def _score_per_sample(
     rows: Sequence[dict],
     timeout_s: float | None = None,
 ) -> list[float]:
-    scores = []
-    for index, (prompt, completion, row) in enumerate(zip(prompts, completions, rows)):
-        try:
-            value = _call(fn, (prompt, completion), _row_kwargs(row), timeout_s)
-        except (Exception, SystemExit) as error:
-            raise RewardFunctionError(
-                _failure(name, error, timeout_s, f"on sample {index} (prompt {prompt[:80]!r})"),
-                function_name=name,
-                sample_index=index,
-            ) from error
-        scores.append(_as_score(value, name, index))
-    return scores
+    calls = [
+        ((prompt, completion), _row_kwargs(row))
+        for prompt, completion, row in zip(prompts, completions, rows)
+    ]
+    try:
+        values = _call_each(fn, calls, timeout_s)
+    except _CallFailed as failed:
+        error, index = failed.__cause__, failed.index
+        assert error is not None
+        raise RewardFunctionError(
+            _failure(name, error, timeout_s, f"on sample {index} (prompt {prompts[index][:80]!r})"),
+            function_name=name,
+            sample_index=index,
+        ) from error
+    return [_as_score(value, name, index) for index, value in enumerate(values)]
 
 
 def _score_batched(
@@ -239,7 +280,9 @@ def _score_batched(
 ) -> list[float]:
     try:
         values = _call(fn, (list(prompts), list(completions), list(rows)), {}, timeout_s)
-    except (Exception, SystemExit) as error:
+    except _CallFailed as failed:
+        error = failed.__cause__
+        assert error is not None
         raise RewardFunctionError(
             "batched " + _failure(name, error, timeout_s, f"on a batch of {len(prompts)}"),
             function_name=name,
