@@ -6,6 +6,7 @@ import functools
 import math
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +270,6 @@ def test_total_is_linear_in_weights(pairs: list[tuple[float, float]], weight: fl
 
 def test_a_hanging_reward_function_times_out_naming_function_and_sample() -> None:
     import threading
-    import time
 
     release = threading.Event()
 
