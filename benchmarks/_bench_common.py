@@ -73,6 +73,87 @@ def vowel_share(text: str) -> float:
     return sum(c in VOWELS for c in letters) / len(letters) if letters else 0.0
 
 
+def vowel_reward(prompt: str, completion: str, **row: Any) -> float:
+    """``vowel_share`` as a posttrain reward function ``(prompt, completion, **row) -> float``."""
+    return vowel_share(completion)
+
+
+# posttrain's grpo preset made TRL's GRPO (loss_type "dapo", beta 0): token-mean over the batch, no KL
+TRL_MATCHED_ALGO: dict[str, Any] = {"aggregation": "token-mean", "kl_placement": "none"}
+
+
+def posttrain_config(
+    *,
+    model: str | Path,
+    rows: str | Path,
+    workdir: str | Path,
+    seed: int,
+    steps: int,
+    prompts_per_step: int,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    lr: float,
+    algorithm: str = "grpo",
+    algo: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A posttrain config tree (for ``TrainConfig.model_validate``) for the benchmarks' task.
+
+    The model folder ``model``, the prompts of ``rows`` (JSONL) trained on in full, the vowel reward,
+    no warm-start, no evaluation or logging; one epoch of one mini-batch in one micro-batch (one
+    optimizer step per rollout batch, one forward as TRL does), AdamW at a constant ``lr``, max grad
+    norm 1. ``algo``: preset overrides (``TRL_MATCHED_ALGO`` for the TRL comparison; None = the
+    preset as shipped).
+    """
+    return {
+        "algorithm": algorithm,
+        "run": {"name": "bench", "output_dir": str(workdir), "seed": seed, "num_threads": 1},
+        "model": {"path": str(model)},
+        "data": {
+            "path": str(rows),
+            "test_path": str(rows),  # train on every row, as TRL does (the test split is unused)
+            "reward_fns": [{"fn": vowel_reward}],
+            "max_new_tokens": max_new_tokens,
+        },
+        "rollout": {
+            "prompts_per_step": prompts_per_step,
+            "group_size": group_size,
+            "temperature": temperature,
+        },
+        "algo": dict(algo or {}),
+        "optim": {
+            "steps": steps,
+            "lr": lr,
+            "lr_schedule": "constant",
+            "micro_batch_size": prompts_per_step * group_size,
+            "max_grad_norm": 1.0,
+        },
+        "warmstart": {"steps": 0},
+        "eval": {"every": 0},
+        "logging": {"tensorboard": False, "progress": False, "num_samples": 0},
+    }
+
+
+def build_posttrain(tree: dict[str, Any]) -> tuple[Any, Any]:
+    """``(task, state)`` for a config tree, built as ``posttrain.train`` builds them (seeded)."""
+    from posttrain import TrainConfig
+    from posttrain.train.setup import build_state, build_task, seed_everything
+
+    cfg = TrainConfig.model_validate(tree)
+    seed_everything(cfg.run.seed)
+    task = build_task(cfg)
+    assert cfg.model.path is not None
+    return task, build_state(cfg, task, Path(cfg.model.path))
+
+
+def quiet_transformers() -> None:
+    """No progress bars or info lines from transformers (model loading prints both)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def make_prompts(count: int, seed: int = 0) -> list[str]:
     """``count`` distinct short prompts (about 10-14 tokens each with the benchmarks' tokenizer)."""
     rng = random.Random(seed)
@@ -119,10 +200,15 @@ def ratio(a: float, b: float) -> float:
     return a / b if b and a == a and b == b else float("nan")
 
 
+def fmt_num(value: float, digits: int = 3) -> str:
+    """``digits`` significant digits, but whole numbers from 1000 up (no exponent)."""
+    return f"{value:.0f}" if abs(value) >= 10 ** (digits - 1) * 10 else f"{value:.{digits}g}"
+
+
 def fmt_spread(values: Sequence[float], digits: int = 3) -> str:
     """``median [min, max]``."""
     s = spread(values)
-    return f"{s['median']:.{digits}g} [{s['min']:.{digits}g}, {s['max']:.{digits}g}]"
+    return f"{fmt_num(s['median'], digits)} [{fmt_num(s['min'], digits)}, {fmt_num(s['max'], digits)}]"
 
 
 def build_model(folder: Path, size: ModelSize, seed: int = 0) -> Path:

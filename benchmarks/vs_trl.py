@@ -46,16 +46,19 @@ from typing import Any
 
 from _bench_common import (
     THREAD_ENV,
+    TRL_MATCHED_ALGO,
     ModelSize,
     build_model,
+    build_posttrain,
     count_parameters,
     fmt_spread,
     machine_info,
     make_prompts,
     parse_size,
+    posttrain_config,
+    quiet_transformers,
     ratio,
     spread,
-    vowel_share,
     write_results,
     write_rows,
 )
@@ -67,60 +70,31 @@ INSTALL_TRL = 'python3 -m venv .venv-trl && .venv-trl/bin/pip install "torch==2.
 SIDES = ("posttrain", "trl")
 
 
-def vowel_reward(prompt: str, completion: str, **row: Any) -> float:
-    """The benchmarks' reward as a posttrain reward function."""
-    return vowel_share(completion)
-
-
-def posttrain_config(spec: dict[str, Any]) -> dict[str, Any]:
-    """posttrain's settings matching TRL's GRPOConfig in ``_trl_side.py``."""
-    rows = spec["rows"]
-    return {
-        "algorithm": "grpo",
-        "run": {"name": "vs-trl", "output_dir": spec["workdir"], "seed": spec["seed"], "num_threads": 1},
-        "model": {"path": spec["model"]},
-        "data": {
-            "path": rows,
-            "test_path": rows,  # train on every row, as TRL does
-            "reward_fns": [{"fn": vowel_reward}],
-            "max_new_tokens": spec["max_new_tokens"],
-        },
-        "rollout": {
-            "prompts_per_step": spec["prompts_per_step"],
-            "group_size": spec["group_size"],
-            "temperature": spec["temperature"],
-        },
-        "algo": {"aggregation": "token-mean", "kl_placement": "none"},
-        "optim": {
-            "steps": spec["warmup"] + spec["steps"],
-            "lr": spec["lr"],
-            "lr_schedule": "constant",
-            "micro_batch_size": spec["prompts_per_step"] * spec["group_size"],  # one forward, as TRL
-            "max_grad_norm": 1.0,
-        },
-        "warmstart": {"steps": 0},
-        "eval": {"every": 0},
-        "logging": {"tensorboard": False, "progress": False, "num_samples": 0},
-    }
-
-
 def run_posttrain_side(spec: dict[str, Any]) -> dict[str, Any]:
     """posttrain's side, in this (child) process: set up as ``posttrain.train`` does, then step."""
     import torch
-    from transformers.utils import logging as hf_logging
 
-    from posttrain import TrainConfig
     from posttrain.train.loop import rows_for_step
-    from posttrain.train.setup import build_state, build_task, seed_everything
     from posttrain.train.step import rl_step
 
     torch.set_num_threads(1)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    cfg = TrainConfig.model_validate(posttrain_config(spec))
-    seed_everything(cfg.run.seed)
-    task = build_task(cfg)
-    state = build_state(cfg, task, Path(spec["model"]))
+    quiet_transformers()
+    task, state = build_posttrain(
+        posttrain_config(
+            model=spec["model"],
+            rows=spec["rows"],
+            workdir=spec["workdir"],
+            seed=spec["seed"],
+            steps=spec["warmup"] + spec["steps"],
+            prompts_per_step=spec["prompts_per_step"],
+            group_size=spec["group_size"],
+            max_new_tokens=spec["max_new_tokens"],
+            temperature=spec["temperature"],
+            lr=spec["lr"],
+            algo=TRL_MATCHED_ALGO,
+        )
+    )
+    cfg = state.config
     times: list[float] = []
     tokens: list[int] = []
     rewards: list[float] = []
@@ -302,12 +276,16 @@ def render(results: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         f"completions, <= {settings['max_new_tokens']} new tokens, {settings['rounds']} round(s) x "
         f"({settings['warmup']} warm-up + {settings['steps']} timed steps), 1 thread; median [min, max]"
     )
-    return render_table(summary_table(rows, columns, title=title), width=160)
+    return title + "\n" + render_table(summary_table(rows, columns), width=160)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="0.11M,22.5M", help="comma-separated names or HIDDENxLAYERSxHEADSxFFN")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes", default="0.11M,22.5M", help="comma-separated names or HIDDENxLAYERSxHEADSxFFN"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
@@ -332,6 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_transformers()
     if args.child:
         spec = json.loads(Path(args.child).read_text())
         Path(spec["result"]).write_text(json.dumps(run_posttrain_side(spec)))
