@@ -17,9 +17,10 @@ total minus the parts (an aggregate such as ``time/train`` is split into its par
 ``--algorithm ppo`` times the PPO step and the GRPO step at the same batch, alternately with the
 floor, and prints PPO / GRPO (the goal: <= 1.5). Presets run as shipped (GRPO and PPO with their
 KL terms, so with a reference model); ``--no-kl`` drops the KL (``algo.kl_placement=none``), and
-``--set KEY=VALUE`` overrides any posttrain setting of every posttrain run.
+``--set KEY=VALUE`` overrides any posttrain setting of every posttrain run; ``--critic-size`` gives
+PPO a smaller critic (``model.critic_path``: a tiny model of that size with the same tokenizer).
 
-    python benchmarks/step_budget.py [--size 22.5M] [--algorithm grpo|ppo] [--no-kl]
+    python benchmarks/step_budget.py [--size 22.5M] [--algorithm grpo|ppo] [--no-kl] [--critic-size 320x3x5x535]
         [--rounds 5] [--warmup 1] [--prompts-per-step 8] [--group-size 4] [--out runs/bench/step_budget]
 
 Writes ``<out>/results.json`` (every round's timings) and ``<out>/table.txt``.
@@ -205,7 +206,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             lr=args.lr,
             algorithm=algorithm,
         )
-        task, states[algorithm] = build_posttrain(merge_trees(tree, parse_overrides(overrides)))
+        own = list(overrides)
+        if args.critic_size and algorithm == "ppo":  # a smaller critic with the policy's tokenizer
+            critic_dir = build_model(Path(args.models), parse_size(args.critic_size)[1], seed=args.seed)
+            own.append(f"model.critic_path={critic_dir}")
+        task, states[algorithm] = build_posttrain(merge_trees(tree, parse_overrides(own)))
     assert task is not None
     first = states[algorithms[0]]
     cfg = first.config
@@ -366,6 +371,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--algorithm", default="grpo", help="posttrain preset; not grpo: timed beside grpo")
     parser.add_argument("--no-kl", action="store_true", help="algo.kl_placement=none for every posttrain run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="posttrain override")
+    parser.add_argument(
+        "--critic-size",
+        default=None,
+        help="PPO's critic at this size (0.11M or HIDDENxLAYERSxHEADSxINTERMEDIATE), not the policy's",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--prompts-per-step", type=int, default=8)
