@@ -1,4 +1,4 @@
-"""Command line: ``posttrain train``, ``posttrain eval``, ``posttrain classic``.
+"""Command line: ``posttrain train``, ``eval``, ``compare``, ``report``, ``classic``.
 
 Errors that come from what the user gave (a config key, a data file, a reward function, a model
 folder, a checkpoint) print as ``error: <message>`` on at most two lines and exit with code 2;
@@ -12,6 +12,7 @@ import argparse
 import linecache
 import math
 import os
+import shlex
 import sys
 import textwrap
 import traceback
@@ -35,6 +36,7 @@ USER_ERRORS = (
     "posttrain.rollout.multi_turn:EnvError",
     "posttrain.cli:UsageError",
     "posttrain.train.run_folder:RunFolderError",
+    "posttrain.report.runs:RunReadError",
 )
 # Modules whose plain ValueError / FileNotFoundError check what the user gave (data rows, files,
 # settings, checkpoints). The same classes raised anywhere else (torch, a bug of ours) are not caught.
@@ -50,6 +52,7 @@ INPUT_CHECKING_MODULES = (
     "posttrain.train.checkpoint",
     "posttrain.train.loop",
     "posttrain.classic",
+    "posttrain.report.runs",
 )
 
 
@@ -332,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--trust-run-code", action="store_true", help=TRUST_HELP)
     ev.set_defaults(func=_eval)
 
+    from posttrain.cli_compare import add_compare_arguments, add_report_arguments, compare, report
+
+    compare_parser = sub.add_parser(
+        "compare",
+        help="run several algorithms x seeds on one config; table, curves and a recommendation",
+    )
+    add_compare_arguments(compare_parser)
+    compare_parser.set_defaults(func=compare)
+    report_parser = sub.add_parser("report", help="the comparison table, curves and report of finished runs")
+    add_report_arguments(report_parser)
+    report_parser.set_defaults(func=report)
+
     try:
         from posttrain.classic.study import add_classic_arguments, main_from_args
     except ImportError:  # the classic study is optional
@@ -362,6 +377,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["posttrain", *(sys.argv[1:] if argv is None else argv)])
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

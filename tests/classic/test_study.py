@@ -1,9 +1,10 @@
 import csv
+import json
 from pathlib import Path
 
 import pytest
 
-from posttrain.classic.study import binned_curve, expand_arms, parse_arm, run_study
+from posttrain.classic.study import expand_arms, parse_arm, parse_settings, run_study
 
 
 def test_parse_arm_modifiers_and_discount() -> None:
@@ -22,8 +23,14 @@ def test_expand_arms_discount_sweep() -> None:
     assert expand_arms(["ppo"], None) == ["ppo"]
 
 
-def test_binned_curve_carries_forward() -> None:
-    assert binned_curve([(1, 2.0), (2, 4.0), (9, 10.0)], steps=10, bins=5) == [2.0, 4.0, 4.0, 4.0, 10.0]
+def test_parse_settings_reads_yaml_values_and_names_unknown_keys() -> None:
+    assert parse_settings(["total_steps=2048", "lr=3e-4", "same_start=false"]) == {
+        "total_steps": 2048,
+        "lr": 3e-4,
+        "same_start": False,
+    }
+    with pytest.raises(ValueError, match="--set grup_size=2: a classic run takes KEY=VALUE"):
+        parse_settings(["grup_size=2"])
 
 
 def test_run_study_writes_outputs(tmp_path: Path) -> None:
@@ -34,5 +41,10 @@ def test_run_study_writes_outputs(tmp_path: Path) -> None:
     assert len(rows) == 4 and all(int(r["steps"]) >= 1024 for r in rows)
     assert result.plot_png.stat().st_size > 1000
     assert "| ppo | 2 |" in result.table_md.read_text()
+    # every run is a run folder the comparison read: its final return is the run's own
+    summary = json.loads(result.comparison.summary_json.read_text())
+    finals = {g["group"]: g["finals"] for g in summary["groups"]}
+    assert finals["ppo"] == pytest.approx([r.final_return for r in result.runs if r.arm == "ppo"])
+    assert (tmp_path / "grpo-s1" / "metrics.jsonl").is_file()
     with pytest.raises(TypeError):
         run_study("CartPole-v1", ["ppo"], 1, 10, tmp_path, progress=False, not_an_option=1)

@@ -1,4 +1,9 @@
-"""The classic-control study: arms x seeds on one environment -> CSV, table, learning-curve PNG.
+"""The classic-control study: arms x seeds on one environment, through the comparison harness.
+
+Every run gets a run folder (``<out>/<arm>-s<seed>/``, see ``classic.folders``); the jobs run under
+``report.jobs`` (parallel processes, one progress bar) and ``report.compare`` writes the table, the
+curve PNG (mean ± std over seeds) and ``report.md``; ``runs.csv`` and ``curves.csv`` hold the raw
+numbers.
 
 An arm is written ``algo[:modifier...][@gamma]``: ``ppo``, ``grpo``, ``rloo``, ``batch_mean``,
 ``ema``, ``none``, with modifiers ``togo`` (per-step return-to-go instead of the whole-episode
@@ -9,22 +14,18 @@ an optional discount, e.g. ``grpo:togo@0.99``. ``gammas`` sweeps every arm over 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import math
-import statistics
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, fields
-from functools import partial
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
-
 from posttrain.classic.config import ALGOS, ENV_DEFAULTS, RunResult, TrainConfig, is_count, make_config
+from posttrain.classic.folders import write_run_folder
+from posttrain.report.compare import Comparison, write_report
+from posttrain.report.jobs import Job, Outcome, run_jobs
+from posttrain.report.runs import read_runs, write_stats
 
 MODIFIERS: dict[str, dict[str, Any]] = {"togo": {"return_mode": "to_go"}, "random": {"same_start": False}}
 
@@ -72,14 +73,26 @@ def train_arm(config: TrainConfig, arm: str, progress: Callable[[int], None] | N
     return result
 
 
-def _run_job(config: TrainConfig, arm: str, queue: Any) -> RunResult:
-    """Worker-process entry: report progress as (arm, seed, steps) on ``queue``."""
-    return train_arm(config, arm, lambda steps: queue.put((arm, config.seed, steps)))
+@dataclass(frozen=True)
+class ClassicRun:
+    """One job of a study: the run's settings, its arm label and its folder."""
+
+    config: TrainConfig
+    arm: str
+    run_dir: Path
+
+
+def train_job(run: ClassicRun, report: Callable[[int], None]) -> RunResult:
+    """Job (``report.jobs``): train one run (one torch thread) and write its run folder."""
+    result = train_arm(run.config, run.arm, report)
+    write_run_folder(result, run.config, run.run_dir)
+    return result
 
 
 @dataclass
 class StudyResult:
-    """All runs of a study and where its outputs were written."""
+    """All runs of a study and where its outputs were written (``table_md`` is the comparison's
+    ``report.md``, ``plot_png`` its ``curves.png``)."""
 
     env_id: str
     runs: list[RunResult]
@@ -87,46 +100,35 @@ class StudyResult:
     curves_csv: Path
     table_md: Path
     plot_png: Path
-
-    def summary(self) -> list[dict[str, Any]]:
-        """Per arm: seeds, mean/std of final return, mean steps/s (arms in first-run order)."""
-        arms = list(dict.fromkeys(r.arm for r in self.runs))
-        rows = []
-        for arm in arms:
-            runs = [r for r in self.runs if r.arm == arm]
-            finals = [r.final_return for r in runs]
-            rows.append(
-                {
-                    "arm": arm,
-                    "seeds": len(runs),
-                    "mean": statistics.fmean(finals),
-                    "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                    "min": min(finals),
-                    "steps_per_sec": statistics.fmean(r.steps_per_sec for r in runs),
-                }
-            )
-        return rows
+    comparison: Comparison
 
 
 def run_study(
     env_id: str, algos: list[str], seeds: int, steps: int, out_dir: Path, **options: Any
 ) -> StudyResult:
-    """Run every arm for ``seeds`` seeds and ``steps`` env steps; write CSVs, a table and a PNG.
+    """Run every arm for ``seeds`` seeds and ``steps`` env steps; write the run folders, CSVs and
+    the comparison (table, PNG, report.md) into ``out_dir``.
 
-    ``options``: ``workers`` (parallel processes, default 1), ``gammas`` (discount sweep),
-    ``progress`` (rich progress bar, default True), and any ``TrainConfig`` field as an override
-    (``group_size``, ``num_groups``, ``lr``, ...; None keeps the per-environment default).
+    ``options``: ``workers`` (parallel processes, default 1), ``isolate`` (each run in its own
+    process even with one worker, so that its peak memory is measured; default False),
+    ``gammas`` (discount sweep), ``progress`` (rich progress bar, default True), ``threshold``
+    (of the comparison; default: its rule), ``command`` (shown in report.md), and any
+    ``TrainConfig`` field as an override (``group_size``, ``num_groups``, ``lr``, ...; None keeps
+    the per-environment default).
     """
     workers = options.pop("workers", None)
     workers = 1 if workers is None else workers
+    isolate = bool(options.pop("isolate", False))
     gammas = options.pop("gammas", None)
     show_progress = bool(options.pop("progress", True))
+    threshold = options.pop("threshold", None)
+    command = str(options.pop("command", ""))
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown study option(s) {unknown}")
     check_study(env_id, algos, seeds, steps, workers)
-    jobs: list[tuple[TrainConfig, str]] = []
+    jobs: list[Job] = []
     for arm in expand_arms(algos, gammas):
         algo, arm_overrides = parse_arm(arm)
         for seed in range(seeds):
@@ -136,19 +138,43 @@ def run_study(
                 )
             except ValueError as error:  # say which arm's setting it is (e.g. the discount of grpo@1.5)
                 raise ValueError(f"arm {arm!r}: {error}") from None
-            jobs.append((config, arm))
-    runs = _execute(jobs, steps, workers, show_progress)
+            run = ClassicRun(config, arm, out_dir / f"{arm}-s{seed}")
+            jobs.append(Job(f"{arm} seed {seed}", steps, train_job, run))
+    outcomes = run_jobs(
+        jobs, workers, show=show_progress, isolate=isolate or workers > 1, on_done=_done_line, title=env_id
+    )
+    failed = [o for o in outcomes if o.error is not None]
+    if failed:
+        raise RuntimeError(f"{failed[0].job.label} failed: {failed[0].error}")
+    for outcome in outcomes:
+        write_stats(outcome.job.arg.run_dir, {"wall_s": outcome.wall_s, "peak_rss_mb": outcome.peak_rss_mb})
+    runs = [o.result for o in outcomes]
     out_dir.mkdir(parents=True, exist_ok=True)
+    curves = read_runs([o.job.arg.run_dir for o in outcomes])
+    title = f"{env_id}, {steps:,} steps per run: {curves[0].metric} by arm"
+    comparison = write_report(curves, out_dir, threshold=threshold, title=title, command=command)
     result = StudyResult(
         env_id,
         runs,
         out_dir / "runs.csv",
         out_dir / "curves.csv",
-        out_dir / "summary.md",
-        out_dir / "learning_curves.png",
+        comparison.report_md,
+        comparison.plot_png,
+        comparison,
     )
-    write_outputs(result, steps)
+    write_csvs(result)
     return result
+
+
+def _done_line(outcome: Outcome) -> str:
+    """One line per finished run, so that a log without the live bar still shows progress."""
+    if outcome.error is not None:
+        return f"{outcome.job.label} failed: {outcome.error}"
+    run: RunResult = outcome.result
+    return (
+        f"{run.env_id} {run.arm} seed {run.seed}: final return {run.final_return:.1f}, "
+        f"{run.steps_per_sec:,.0f} steps/s"
+    )
 
 
 def check_study(env_id: str, algos: list[str], seeds: int, steps: int, workers: int) -> None:
@@ -174,71 +200,8 @@ def check_study(env_id: str, algos: list[str], seeds: int, steps: int, workers: 
         ) from None
 
 
-def _execute(jobs: list[tuple[TrainConfig, str]], steps: int, workers: int, show: bool) -> list[RunResult]:
-    """Run the jobs (in-process, or in ``workers`` spawned processes) under one progress bar."""
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f} steps"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    done: dict[tuple[str, int], int] = {}
-    with Progress(*columns, disable=not show, transient=False) as bar:
-        task = bar.add_task(f"{len(jobs)} runs", total=len(jobs) * steps)
-
-        def report(arm: str, seed: int, now: int) -> None:
-            done[(arm, seed)] = min(now, steps)
-            bar.update(task, completed=sum(done.values()))
-
-        if workers <= 1:
-            results = []
-            for config, arm in jobs:
-                bar.update(task, description=f"{arm} seed {config.seed}")
-                results.append(train_arm(config, arm, partial(report, arm, config.seed)))
-                _log_finished(bar, results[-1])
-            return results
-        context = get_context("spawn")
-        with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
-            queue = manager.Queue()
-            futures: dict[Future[RunResult], int] = {
-                pool.submit(_run_job, config, arm, queue): i for i, (config, arm) in enumerate(jobs)
-            }
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    _log_finished(bar, future.result())
-                while not queue.empty():
-                    report(*queue.get())
-            ordered = sorted(futures, key=futures.__getitem__)
-            return [f.result() for f in ordered]
-
-
-def _log_finished(bar: Progress, run: RunResult) -> None:
-    """One line per finished run, so that a log without the live bar still shows progress."""
-    bar.console.log(
-        f"{run.env_id} {run.arm} seed {run.seed}: final return {run.final_return:.1f}, "
-        f"{run.steps_per_sec:,.0f} steps/s"
-    )
-
-
-def binned_curve(curve: list[tuple[int, float]], steps: int, bins: int = 50) -> list[float]:
-    """Mean episode return in each of ``bins`` equal step intervals, carried forward over empty ones."""
-    sums, counts = [0.0] * bins, [0] * bins
-    for step, ret in curve:
-        b = min(int(step * bins / max(steps, 1)), bins - 1)
-        sums[b] += ret
-        counts[b] += 1
-    out, last = [], math.nan
-    for s, c in zip(sums, counts):
-        last = s / c if c else last
-        out.append(last)
-    return out
-
-
-def write_outputs(result: StudyResult, steps: int) -> None:
-    """runs.csv, curves.csv, summary.md (markdown table) and learning_curves.png."""
+def write_csvs(result: StudyResult) -> None:
+    """runs.csv (one row per run) and curves.csv (one row per finished training episode)."""
     with result.runs_csv.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["env", "arm", "seed", "steps", "final_return", "steps_per_sec", "wall_s"])
@@ -259,64 +222,33 @@ def write_outputs(result: StudyResult, steps: int) -> None:
         writer.writerow(["arm", "seed", "step", "episode_return"])
         for r in result.runs:
             writer.writerows([r.arm, r.seed, step, f"{ret:.2f}"] for step, ret in r.curve)
-    lines = [
-        f"{result.env_id}, {steps:,} steps per run",
-        "",
-        "| arm | seeds | final return (mean ± std) | worst seed | steps/s |",
-        "|---|---|---|---|---|",
-    ]
-    for row in result.summary():
-        lines.append(
-            f"| {row['arm']} | {row['seeds']} | {row['mean']:.1f} ± {row['std']:.1f} | {row['min']:.1f} "
-            f"| {row['steps_per_sec']:,.0f} |"
-        )
-    result.table_md.write_text("\n".join(lines) + "\n")
-    plot_curves(result, steps)
 
 
-def plot_curves(result: StudyResult, steps: int, bins: int = 50) -> None:
-    """Mean ± std over seeds of the binned episode return, one line per arm."""
-    import matplotlib
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items -> ``TrainConfig`` overrides (values read as YAML: ``lr=3e-4``,
+    ``same_start=false``); ``ValueError`` naming the item for a malformed or unknown key."""
+    import yaml
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = [(i + 0.5) * steps / bins for i in range(bins)]
-    for row in result.summary():
-        per_seed = [binned_curve(r.curve, steps, bins) for r in result.runs if r.arm == row["arm"]]
-        means, stds = [], []
-        for column in zip(*per_seed):
-            values = [v for v in column if not math.isnan(v)]
-            means.append(statistics.fmean(values) if values else math.nan)
-            stds.append(statistics.pstdev(values) if len(values) > 1 else 0.0)
-        ax.plot(xs, means, label=row["arm"])
-        ax.fill_between(
-            xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2
-        )
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel("episode return (training)")
-    ax.set_title(f"{result.env_id}: mean ± std over seeds")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(result.plot_png, dpi=120)
-    plt.close(fig)
-
-
-def print_table(result: StudyResult, console: Console | None = None) -> None:
-    """The summary as a rich table."""
-    table = Table(title=f"{result.env_id}: final return (mean of last episodes) over seeds")
-    for name in ("arm", "seeds", "final return", "worst seed", "steps/s"):
-        table.add_column(name, justify="left" if name == "arm" else "right")
-    for row in result.summary():
-        table.add_row(
-            row["arm"],
-            str(row["seeds"]),
-            f"{row['mean']:.1f} ± {row['std']:.1f}",
-            f"{row['min']:.1f}",
-            f"{row['steps_per_sec']:,.0f}",
-        )
-    (console or Console()).print(table)
+    types = {f.name: str(f.type) for f in fields(TrainConfig) if f.name not in ("env_id", "algo", "seed")}
+    known = list(types)
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, equals, text = item.partition("=")
+        key = key.strip()
+        if not equals or key not in known:
+            raise ValueError(
+                f"--set {item}: a classic run takes KEY=VALUE with KEY one of {', '.join(known)} "
+                "(e.g. --set total_steps=100000)"
+            )
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {item}: {text!r} is not a value") from None
+        if isinstance(value, str) and "float" in types[key]:  # YAML 1.1 reads 3e-4 as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        settings[key] = value  # a value of the wrong kind is refused by make_config, naming the setting
+    return settings
 
 
 def _floats(text: str) -> list[float]:
@@ -365,6 +297,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         num_groups=args.num_groups,
         lr=args.lr,
     )
-    print_table(result)
+    print(result.comparison.table, end="")
+    print(result.comparison.recommendation)
     print(f"wrote {result.runs_csv}, {result.curves_csv}, {result.table_md}, {result.plot_png}")
     return 0

@@ -7,8 +7,8 @@ write the same files for gymnasium runs):
   ``run.seed`` its seed.
 - ``metrics.jsonl``: one JSON object per line, ``{"step": int, "<metric>": float | null, ...}``.
   A training step's row holds its budget (``sampled_tokens``: tokens the policy sampled in that
-  step; gymnasium runs: ``env_steps``) and its duration (``time/<phase>`` seconds, summed); an
-  evaluation row holds the score (``eval_accuracy``, ...; gymnasium runs: ``return_mean``); the
+  step; gymnasium runs: ``env_steps``) and its duration in seconds (``time/step``; in runs
+  logged before it existed, the sum of the ``time/<phase>`` metrics); an evaluation row holds the score (``eval_accuracy``, ...; gymnasium runs: ``return_mean``); the
   final evaluation's row has ``"final": 1``.
 - ``compare.json`` (optional, written by the comparison harness): ``{"peak_rss_mb": float | null,
   "wall_s": float}`` measured in the process that ran the run.
@@ -66,8 +66,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 class RunCurve:
     """One run's score over training. Every array is [num_points], one entry per evaluation:
     ``step``, ``budget`` (cumulative sampled tokens, or environment steps, spent up to that step),
-    ``seconds`` (cumulative training seconds up to that step: the steps' ``time/*`` metrics, so
-    evaluations and the warm-start are not counted) and ``score``."""
+    ``seconds`` (cumulative training seconds up to that step: see :func:`step_seconds`; evaluations
+    and the warm-start are not counted) and ``score``."""
 
     path: Path
     group: str
@@ -97,14 +97,14 @@ def _number(value: Any) -> float | None:
 
 
 def step_seconds(row: Mapping[str, Any]) -> float:
-    """Seconds one training step took: the sum of its top-level ``time/<phase>`` metrics
-    (``time/a/b`` would be a part of ``time/a`` and is not added again)."""
-    total = 0.0
-    for key, value in row.items():
-        number = _number(value)
-        if key.startswith("time/") and key.count("/") == 1 and number is not None:
-            total += number
-    return total
+    """Seconds one training step took: its ``time/step`` metric, or, in runs logged without one,
+    the sum of its top-level ``time/<phase>`` metrics (``time/a/b`` would be a part of
+    ``time/a``)."""
+    total = _number(row.get("time/step"))
+    if total is not None:
+        return total
+    parts = [_number(v) for k, v in row.items() if k.startswith("time/") and k.count("/") == 1]
+    return sum(part for part in parts if part is not None)
 
 
 def budget_key(rows: Sequence[Mapping[str, Any]]) -> str | None:
