@@ -121,11 +121,15 @@ def _table(stdout: str) -> str:
 
 
 def documented_command() -> list[str]:
-    """The comparison command docs/compare.md shows (the README's "which algorithm?" section)."""
-    text = (ROOT / "docs" / "compare.md").read_text()
-    block = re.search(r"```bash\n(posttrain compare .*?)\n```", text, re.DOTALL)
-    assert block is not None, "docs/compare.md shows no posttrain compare command"
-    return shlex.split(block.group(1))
+    """The comparison command the README's "which algorithm?" section shows (docs/compare.md shows
+    the same one)."""
+    commands = []
+    for page in (ROOT / "README.md", ROOT / "docs" / "compare.md"):
+        block = re.search(r"```bash\n(posttrain compare .*?)\n```", page.read_text(), re.DOTALL)
+        assert block is not None, f"{page.name} shows no posttrain compare command"
+        commands.append(shlex.split(block.group(1)))
+    assert commands[0] == commands[1], "README.md and docs/compare.md show different commands"
+    return commands[0]
 
 
 @pytest.mark.slow
