@@ -95,11 +95,13 @@ def test_step_budget_times_ppo_grpo_and_the_floor_phase_by_phase(tmp_path):
     out = tmp_path / "budget"
     done = _run_benchmark(
         "step_budget.py",
-        *("--size", "32x1x2x64", "--algorithm", "ppo", "--rounds", "1", "--warmup", "0"),
+        *("--size", "32x1x2x64", "--algorithm", "ppo", "--critic-size", "16x1x2x32"),
+        *("--rounds", "1", "--warmup", "0"),
         *TINY,
         *("--num-prompts", "8", "--out", str(out), "--models", str(tmp_path / "models")),
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "models" / "tiny-h16-l1-a2-i32-s0").is_dir()  # PPO's smaller critic was built
     for text in ("posttrain ppo", "posttrain grpo", "floor", "x grpo", "time/generate", "bookkeeping"):
         assert text in done.stdout
     results = json.loads((out / "results.json").read_text())
