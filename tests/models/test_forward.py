@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from posttrain.models.forward import (
-    first_action_position,
     position_ids_from_mask,
     predicted_token_mask,
     shift_to_tokens,
@@ -140,12 +139,6 @@ def test_positions_count_real_tokens_from_zero(lengths: list[int], left: bool) -
         assert int(predicted[i].sum()) == n - 1
         assert not predicted[i, 0]
     assert (positions >= 0).all()
-
-
-def test_first_action_position_is_the_first_trained_column() -> None:
-    loss_mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]])
-    assert first_action_position(loss_mask) == 2
-    assert first_action_position(torch.zeros(2, 5)) == 5
 
 
 @pytest.mark.parametrize("from_position", [0, 1, 2, 4, 6])

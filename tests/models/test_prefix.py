@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from posttrain.models.critic import ValueModel
 from posttrain.models.forward import token_logprobs
 from posttrain.models.load import LoraSettings, load_policy
-from posttrain.models.prefix import ActionForward, share_prompts
+from posttrain.models.prefix import ActionForward, row_first_actions, share_prompts
 
 PROMPTS = [[1, 5, 6, 7], [1, 9, 8]]
 
@@ -60,6 +60,11 @@ def test_split_by_hand() -> None:
     assert placed.tolist()[0] == [0, 0, 0, 0, 1, 2, 3]
     assert placed.tolist()[3] == [0, 0, 0, 13, 14, 15, 16]
     assert placed.tolist()[4] == [0] * 7
+
+
+def test_row_first_actions_by_hand() -> None:
+    _, attention_mask, loss_mask = batch_of(ROWS)
+    assert row_first_actions(attention_mask, loss_mask).tolist() == [4, 3, 4, 3, 4]  # the last has none
 
 
 def test_nothing_to_share_gives_none() -> None:

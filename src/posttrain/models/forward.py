@@ -51,16 +51,6 @@ def shift_to_tokens(per_prediction: Tensor, attention_mask: Tensor) -> Tensor:
     return torch.where(predicted_token_mask(attention_mask), shifted, torch.zeros_like(shifted))
 
 
-def first_action_position(loss_mask: Tensor) -> int:
-    """The first column of ``loss_mask`` ``[batch, time]`` that any row trains on (``time`` if none).
-
-    Log-probs before it are never used, so ``token_logprobs(..., from_position=...)`` can skip the
-    LM head over the prompts.
-    """
-    columns = torch.nonzero(loss_mask.bool().any(dim=0)).flatten()
-    return int(columns[0]) if columns.numel() else int(loss_mask.shape[1])
-
-
 def causal_lm_logits(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, logits_to_keep: int = 0
 ) -> Tensor:
@@ -157,8 +147,8 @@ def token_logprobs(
     ``input_ids``, ``attention_mask``: ``[batch, time]`` (left or right padding). Returns float32
     ``(logprobs [batch, time], entropy [batch, time] | None)``, 0 at t = 0 and at padding.
     ``from_position``: only tokens at ``t >= from_position`` are wanted (e.g. the first action,
-    ``first_action_position(loss_mask)``); the LM head then skips the positions before, whose
-    values are returned as 0. Gradients flow to the model; wrap in ``torch.no_grad()`` for
+    the batch's first action, as ``ActionForward`` in ``models/prefix.py`` passes); the LM head
+    then skips the positions before, whose values are returned as 0. Gradients flow to the model; wrap in ``torch.no_grad()`` for
     behaviour / reference passes.
     """
     if temperature <= 0:

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from posttrain.models.forward import (
-    first_action_position,
     position_ids_from_mask,
     prediction_logprobs,
     token_logprobs,
@@ -56,6 +55,13 @@ class SharedPrompts:
         return placed.scatter(1, positions, values)[:, : self.time]
 
 
+def row_first_actions(attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+    """``[batch]``: the position of each row's first action, or its length when it has none."""
+    lengths = attention_mask.long().sum(dim=1)
+    has_action = loss_mask.bool().any(dim=1)
+    return torch.where(has_action, loss_mask.bool().long().argmax(dim=1), lengths)
+
+
 def share_prompts(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> SharedPrompts | None:
     """Split a right-padded batch at each row's first action (``loss_mask``), or None when no two
     rows share a prompt or no row has an action (the plain forward costs the same then).
@@ -63,9 +69,7 @@ def share_prompts(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) 
     All three inputs are ``[batch, time]``. A row without actions keeps its whole length as prompt.
     """
     lengths = attention_mask.long().sum(dim=1)
-    has_action = loss_mask.bool().any(dim=1)
-    first_action = torch.where(has_action, loss_mask.bool().long().argmax(dim=1), lengths)
-    prompt_lengths = first_action.clamp(min=1)
+    prompt_lengths = row_first_actions(attention_mask, loss_mask).clamp(min=1)
     keys = [tuple(row[:n].tolist()) for row, n in zip(input_ids, prompt_lengths.tolist(), strict=True)]
     distinct = list(dict.fromkeys(keys))
     suffix_width = int((lengths - prompt_lengths).max())
@@ -142,13 +146,14 @@ class ActionForward:
     """How to run one micro-batch when only values from each row's first action on are used.
 
     ``shared`` when rows share prompts (``share_prompts``); otherwise one plain pass whose LM head
-    starts at ``from_position``, the batch's first action. Built once per micro-batch and used for
+    starts at the batch's first action. Either way the log-probs are 0 before each row's own first
+    action. Built once per micro-batch and used for
     the policy, the reference and the critic alike. Tensors are ``[batch, time]``.
     """
 
     input_ids: Tensor
     attention_mask: Tensor
-    from_position: int
+    row_starts: Tensor  # [batch] each row's first action (its length when it has none)
     shared: SharedPrompts | None = None
 
     @classmethod
@@ -156,7 +161,13 @@ class ActionForward:
         cls, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, *, share: bool = True
     ) -> ActionForward:
         shared = share_prompts(input_ids, attention_mask, loss_mask) if share else None
-        return cls(input_ids, attention_mask, first_action_position(loss_mask), shared)
+        return cls(input_ids, attention_mask, row_first_actions(attention_mask, loss_mask), shared)
+
+    def _from_row_starts(self, values: Tensor) -> Tensor:
+        kept = torch.arange(values.shape[1], device=values.device).unsqueeze(0) >= self.row_starts.unsqueeze(
+            1
+        )
+        return torch.where(kept, values, torch.zeros_like(values))
 
     def logprobs(
         self,
@@ -168,14 +179,17 @@ class ActionForward:
     ) -> tuple[Tensor, Tensor | None]:
         """``token_logprobs`` of ``model`` (``[batch, time]``, 0 before each row's first action)."""
         if self.shared is None:
-            return token_logprobs(
+            logprobs, entropy = token_logprobs(
                 model,
                 self.input_ids,
                 self.attention_mask,
                 temperature=temperature,
                 with_entropy=with_entropy,
                 entropy_grad=entropy_grad,
-                from_position=self.from_position,
+                from_position=int(self.row_starts.min()) if len(self.row_starts) else 0,
+            )
+            return self._from_row_starts(logprobs), None if entropy is None else self._from_row_starts(
+                entropy
             )
         shared = self.shared
         logits = shared_prompt_outputs(model, shared, lambda out: out.logits, logits_to_keep=1)
