@@ -25,6 +25,8 @@ is not listed there must satisfy the invariant form. Losses run with default hyp
      adding r to t's reward. If no trainable token precedes it in the episode there is no action
      to credit: token-level estimators (``gae``, ``reinforce_pp``) drop it, while group
      estimators, which score an episode by the sum of all its rewards, still count it.
+     Distillation (``reverse_kl``) reads no reward at all: its signal is the teacher's log-prob
+     minus the student's on each trainable token, so a reward anywhere changes nothing.
 
 2. An episode split at compaction points into 2 or 3 sub-traces (same ``episode_ids``,
    ``segment_index`` 0, 1, 2, rows in any order; later sub-traces may open with masked context
@@ -88,6 +90,8 @@ BATCH_FIELDS = (
     "group_ids",
     "episode_ids",
     "segment_index",
+    "old_logprobs",
+    "teacher_logprobs",
 )
 # Hyper-parameter settings checked besides the defaults (unlisted estimators run with defaults).
 ESTIMATOR_HPARAMS: dict[str, list[dict[str, Any]]] = {
@@ -95,12 +99,15 @@ ESTIMATOR_HPARAMS: dict[str, list[dict[str, Any]]] = {
     "reinforce_pp": [{"gamma": 0.9}],
     "grpo": [{"scale": "batch"}, {"scale": "none"}],
     "grpo_passk": [{"scale": False}],
+    "reverse_kl": [{"gamma": 0.9}],
 }
 ESTIMATOR_CASES: list[tuple[str, dict[str, Any]]] = [(name, {}) for name in ADVANTAGES.names()] + [
     (name, hparams) for name in ADVANTAGES.names() for hparams in ESTIMATOR_HPARAMS.get(name, [])
 ]
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in hp.items()) for name, hp in ESTIMATOR_CASES]
 
+# Estimators that read no reward (on-policy distillation: the teacher's log-probs are the signal).
+REWARD_FREE_ESTIMATORS = frozenset({"reverse_kl"})
 # Losses whose ratio is a per-row geometric mean; every other loss must be token-level.
 SEQUENCE_LEVEL_LOSSES = frozenset({"gspo", "gspo_token", "gmpo"})
 ROW_MEAN_ADVANTAGE_LOSSES = frozenset({"gspo", "gmpo"})
@@ -143,6 +150,7 @@ class Tok:
     logprob: float = 0.0
     old_logprob: float = 0.0
     tag: Tag | None = None
+    teacher_logprob: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -170,16 +178,21 @@ class Batch:
 
 REWARDS = (-2.0, -1.0, -0.5, 0.0, 0.0, 0.0, 0.5, 1.0, 3.0)  # dyadic: exact sums in any order
 GARBAGE = (0.0, 7.5, -1e4, 1e4, NAN, INF, -INF)
-PAD = Tok(False, 0.0, NAN, -INF, -INF)
+PAD = Tok(False, 0.0, NAN, -INF, -INF, teacher_logprob=-INF)
 
 
 def filler(rng: random.Random, reward: float = 0.0) -> Tok:
-    """A masked token (tool output, compacted context) with arbitrary value and log-probs."""
-    return Tok(False, reward, rng.choice(GARBAGE), rng.choice(GARBAGE), rng.choice(GARBAGE))
+    """A masked token (tool output, compacted context) with arbitrary value and log-probs (the
+    teacher's is the policy's garbage)."""
+    value, logprob, old_logprob = rng.choice(GARBAGE), rng.choice(GARBAGE), rng.choice(GARBAGE)
+    return Tok(False, reward, value, logprob, old_logprob, teacher_logprob=logprob)
 
 
 def action(tag: Tag, reward: float, value: float, logprob: float, log_ratio: float = 0.0) -> Tok:
-    return Tok(True, reward, value, logprob, logprob - log_ratio, tag)
+    """A trainable token; a teacher would rate it -0.5 .. +0.5 nats off the old policy (by its tag)."""
+    old_logprob = logprob - log_ratio
+    teacher_offset = 0.25 * ((3 * tag[0] + tag[1]) % 5 - 2)
+    return Tok(True, reward, value, logprob, old_logprob, tag, old_logprob + teacher_offset)
 
 
 def random_episodes(rng: random.Random, max_episodes: int = 5, max_len: int = 9) -> list[Episode]:
@@ -239,7 +252,7 @@ def with_masked_spans(rows: Sequence[Row], rng: random.Random, max_spans: int = 
 def render(rows: Sequence[Row], pad: int = 1) -> Batch:
     """Rows -> batch tensors, right-padded with masked junk; float64 throughout."""
     time = max(len(row.tokens) for row in rows) + pad
-    fields: dict[str, list[list[float]]] = {k: [] for k in ("r", "m", "v", "lp", "old")}
+    fields: dict[str, list[list[float]]] = {k: [] for k in ("r", "m", "v", "lp", "old", "teacher")}
     pos: dict[Tag, tuple[int, int]] = {}
     for b, row in enumerate(rows):
         tokens = list(row.tokens) + [PAD] * (time - len(row.tokens))
@@ -251,6 +264,7 @@ def render(rows: Sequence[Row], pad: int = 1) -> Batch:
         fields["v"].append([tok.value for tok in tokens])
         fields["lp"].append([tok.logprob for tok in tokens])
         fields["old"].append([tok.old_logprob for tok in tokens])
+        fields["teacher"].append([tok.teacher_logprob for tok in tokens])
 
     def f(key: str) -> Tensor:
         return torch.tensor(fields[key], dtype=DTYPE)
@@ -268,6 +282,7 @@ def render(rows: Sequence[Row], pad: int = 1) -> Batch:
         "segment_index": i([row.segment for row in rows]),
         "logprobs": f("lp"),
         "old_logprobs": f("old"),
+        "teacher_logprobs": f("teacher"),
     }
     return Batch(data, pos)
 
@@ -461,7 +476,8 @@ def test_reward_on_a_masked_token_is_credited_to_the_preceding_action(
     case: tuple[str, dict[str, Any]],
 ) -> None:
     """The exception to 1: a masked token carrying reward r right after trainable token t (possibly
-    the last of an earlier sub-trace) gives the advantages of adding r to t's own reward."""
+    the last of an earlier sub-trace) gives the advantages of adding r to t's own reward (for an
+    estimator that reads rewards at all)."""
     changed = 0
     for seed in range(4):
         rng = seeded(200 + seed)
@@ -479,7 +495,10 @@ def test_reward_on_a_masked_token_is_credited_to_the_preceding_action(
         changed += int(
             not torch.allclose(on_tags(adv_y, y, tags), on_tags(advantages_of(case, base), base, tags))
         )
-    assert changed >= 1  # the moved reward matters, so the check can fail
+    if case[0] in REWARD_FREE_ESTIMATORS:
+        assert changed == 0  # no reward is read: the teacher's signal alone
+    else:
+        assert changed >= 1  # the moved reward matters, so the check can fail
 
 
 @pytest.mark.parametrize("case", ESTIMATOR_CASES, ids=CASE_IDS)
@@ -569,7 +588,9 @@ def test_split_gae_equals_hand_written_gae_over_the_concatenation(gamma: float, 
 @pytest.mark.parametrize("case", ESTIMATOR_CASES, ids=CASE_IDS)
 def test_split_without_episode_ids_is_not_invariant(case: tuple[str, dict[str, Any]]) -> None:
     """Must NOT hold: without episode_ids each sub-trace is its own episode, so the first sub-trace
-    no longer sees the outcome reward (nor, for gae, the next sub-trace's value)."""
+    no longer sees the outcome reward (nor, for gae, the next sub-trace's value, nor, for a
+    discounted reverse_kl, the teacher's verdict on the next sub-trace). Undiscounted reverse_kl is
+    per token: it needs nothing from another token, so it holds there."""
     rng = seeded(600)
     episodes = [
         outcome_episode(1, 0, 1.0, 6, rng),
@@ -589,7 +610,10 @@ def test_split_without_episode_ids_is_not_invariant(case: tuple[str, dict[str, A
     )
     chained = on_tags(advantages_of(case, whole_batch), whole_batch, first)
     unchained = on_tags(advantages_of(case, cut), cut, first)
-    assert not torch.allclose(chained, unchained, rtol=1e-6, atol=1e-6)
+    if case[0] == "reverse_kl" and not case[1].get("gamma"):
+        torch.testing.assert_close(chained, unchained, rtol=0, atol=0)
+    else:
+        assert not torch.allclose(chained, unchained, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS.names())

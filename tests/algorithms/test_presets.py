@@ -18,6 +18,7 @@ ISSUE_PRESETS = {
     "rloo",
     "reinforce_pp",
     "kimi",
+    "distill",
 }
 
 
@@ -35,6 +36,9 @@ def _toy_batch() -> dict[str, torch.Tensor]:
         "group_ids": torch.tensor([0, 0, 1, 1]),
         "episode_ids": torch.arange(4),
         "segment_index": torch.zeros(4, dtype=torch.long),
+        # on-policy distillation's fields: the teacher disagrees with the policy by 0.3 nats here
+        "old_logprobs": -loss_mask,
+        "teacher_logprobs": -1.3 * loss_mask,
     }
 
 

@@ -29,7 +29,7 @@ def _solution_scores(task: Task, rows: list[dict]) -> list[float]:
 
 
 def test_available_tasks_and_default() -> None:
-    assert available_tasks() == ["arithmetic", "countdown", "key_chain", "leaky_chain", "math"]
+    assert available_tasks() == ["arithmetic", "countdown", "key_chain", "leaky_chain", "math", "mix"]
     assert DEFAULT_TASK == "arithmetic"
     assert get_task(num_train=5, num_test=2).name == "arithmetic"
 
@@ -37,7 +37,7 @@ def test_available_tasks_and_default() -> None:
 def test_unknown_task_lists_available() -> None:
     with pytest.raises(
         ValueError,
-        match=r"unknown task 'gsm8k'; available tasks: \['arithmetic', 'countdown', 'key_chain', 'leaky_chain', 'math'\]",
+        match=r"unknown task 'gsm8k'; available tasks: \['arithmetic', 'countdown', 'key_chain', 'leaky_chain', 'math', 'mix'\]",
     ):
         get_task("gsm8k")
 

@@ -247,6 +247,8 @@ def test_every_preset_and_function_switch_loads_with_its_own_hyper_parameters() 
     from posttrain.algorithms.presets import PRESETS
 
     for name in PRESETS:
+        if name == "distill":  # needs teachers: tests/train/test_distill.py
+            continue
         assert load_config(None, [f"algorithm={name}"]).preset().name == name
     # the preset's clip range belongs to ppo_clip: switching the loss starts from the new one's defaults
     switched = load_config(None, ["algo.policy_loss=sapo", "algo.advantage=rloo"]).preset()

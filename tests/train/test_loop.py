@@ -52,8 +52,12 @@ def _stable(row):
 
 
 @pytest.mark.parametrize("algorithm", sorted(PRESETS))
-def test_every_preset_runs_two_steps_end_to_end(out_dir, algorithm):
-    result = train(_config(out_dir, algorithm, f"algorithm={algorithm}"))
+def test_every_preset_runs_two_steps_end_to_end(out_dir, algorithm, request):
+    extra = []
+    if algorithm == "distill":  # a teacher, and a student of its tokenizer (conftest's tiny model)
+        model = request.getfixturevalue("tiny_model_dir")
+        extra = [f"model.path={model}", f'distill.teachers=[{{name: tiny, path: "{model}"}}]']
+    result = train(_config(out_dir, algorithm, f"algorithm={algorithm}", *extra))
     steps = [row for row in result.history if "reward_mean" in row]
     assert [row["step"] for row in steps] == [1, 2]
     for row in steps:

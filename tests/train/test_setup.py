@@ -436,7 +436,10 @@ def _state(base, *extra: str, **kwargs):
 
 @pytest.mark.parametrize("algorithm", sorted(PRESETS))
 def test_state_wiring_follows_the_preset(base, algorithm: str) -> None:
-    cfg, state = _state(base, f"algorithm={algorithm}")
+    # distill learns from teachers: the starting model itself here
+    teachers = [f'distill.teachers=[{{name: self, path: "{base[2]}"}}]'] if algorithm == "distill" else []
+    cfg, state = _state(base, f"algorithm={algorithm}", *teachers)
+    assert (state.teachers is not None) == (algorithm == "distill")
     preset = PRESETS[algorithm]
     assert state.preset == cfg.preset()
     assert (state.critic is not None) == preset.uses_critic

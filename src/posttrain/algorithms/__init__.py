@@ -3,7 +3,7 @@
 Importing this package registers every estimator, loss, KL estimator and aggregation.
 """
 
-from posttrain.algorithms import advantages, aggregate, kl, losses  # noqa: F401  (registration)
+from posttrain.algorithms import advantages, aggregate, distill, kl, losses  # noqa: F401  (registration)
 from posttrain.algorithms.presets import PRESETS, AlgorithmPreset, get_preset
 from posttrain.algorithms.registry import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 

@@ -166,6 +166,15 @@ PRESETS: dict[str, AlgorithmPreset] = {
             aggregation="token-mean",
             paper="Kimi Team 2025 (Kimi k1.5: mean-baseline advantage, squared-penalty policy loss)",
         ),
+        AlgorithmPreset(
+            name="distill",
+            advantage="reverse_kl",  # its discount (gamma) is the config's distill.discount
+            policy_loss="ppo_clip",
+            loss_kwargs={"clip_low": 0.2, "clip_high": 0.2},
+            aggregation="token-mean",
+            paper="Agarwal et al. 2024 (GKD, on-policy distillation); Gu et al. 2024 (MiniLLM, reverse KL); "
+            "Thinking Machines 2025 (on-policy distillation: per-token reverse KL as the advantage)",
+        ),
     ]
 }
 

@@ -20,8 +20,10 @@ class Batch:
     ``rollout_logprobs`` (sampler), ``token_rewards``; filled later by the trainer: ``old_logprobs``
     (policy before the update), ``ref_logprobs``, ``values``, ``advantages``, ``returns``,
     ``loss_weights`` / ``value_weights`` (aggregation weights computed over a whole optimizer-step
-    batch). Per row ``[batch]``: ``group_ids``, ``episode_ids``, ``segment_index``, ``ended``,
-    ``bootstrap_values`` (V after the row's last token, for sub-traces cut off mid-episode).
+    batch), ``teacher_logprobs`` (on-policy distillation: log-prob of each sampled token under the
+    row's teacher, 0 off the mask). Per row ``[batch]``: ``group_ids``, ``episode_ids``,
+    ``segment_index``, ``ended``, ``bootstrap_values`` (V after the row's last token, for sub-traces
+    cut off mid-episode).
     """
 
     input_ids: Tensor
@@ -41,6 +43,7 @@ class Batch:
     loss_weights: Tensor | None = None
     value_weights: Tensor | None = None
     bootstrap_values: Tensor | None = None
+    teacher_logprobs: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

@@ -17,6 +17,8 @@ can imitate imperfect demonstrations and leave RL a systematic error to correct 
 - ``countdown``: ``"nums 3 5 7 target 22:"`` -> ``"3*5+7"``; reward ``countdown``.
 - ``math``: templated word problems and equations -> ``"7"``, ``"x = 7"``, ``"1/2"``; reward
   ``math_verify``.
+- ``mix``: several of the single-turn tasks in one dataset, each row tagged with its task in
+  ``domain`` (``data/mixture.py``).
 
 A task may transform its held-out rows (``_TaskDefinition.held_out``): ``leaky_chain`` leaks the
 answer in a file on train rows (``bait: True``) and removes the leak from test rows (``bait: False``),
@@ -424,9 +426,12 @@ def task_env(name: str | None) -> str | None:
     return TASKS[name].env if name in TASKS else None
 
 
+MIX_TASK = "mix"  # several built-in tasks in one dataset (data/mixture.py)
+
+
 def available_tasks() -> list[str]:
     """Names accepted by ``get_task``."""
-    return sorted(TASKS)
+    return sorted([*TASKS, MIX_TASK])
 
 
 def _definition_and_options(name: str, options: Options) -> tuple[_TaskDefinition, Options]:
@@ -483,6 +488,10 @@ def get_task(
     """
     if num_train < 0 or num_test < 0:
         raise ValueError(f"num_train and num_test must be >= 0, got {num_train} and {num_test}")
+    if name == MIX_TASK:
+        from posttrain.data.mixture import mixed_task
+
+        return mixed_task(seed=seed, num_train=num_train, num_test=num_test, **options)
     max_new_tokens = options.pop("max_new_tokens", None)
     definition, merged = _definition_and_options(name, options)
     rows = _distinct_rows(name, definition, merged, random.Random(seed), num_test + num_train)
@@ -500,6 +509,10 @@ def get_task(
 
 def corpus(name: str = DEFAULT_TASK, **options: Any) -> str:
     """Every character that can appear in a prompt or solution of built-in task ``name`` (sorted)."""
+    if name == MIX_TASK:
+        from posttrain.data.mixture import mixed_corpus
+
+        return mixed_corpus(**options)
     definition, merged = _definition_and_options(name, options)
     return "".join(sorted(set(definition.alphabet(merged))))
 

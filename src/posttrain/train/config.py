@@ -23,6 +23,7 @@ from pydantic import (
 
 from posttrain.algorithms.presets import PRESETS, AlgorithmPreset, get_preset
 from posttrain.plugins import spec_of
+from posttrain.train.config_distill import DistillConfig
 from posttrain.train.config_input import (
     ConfigError,
     format_validation_error,
@@ -565,6 +566,7 @@ class TrainConfig(Section):
     warmstart: WarmStartConfig = WarmStartConfig()
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
+    distill: DistillConfig = DistillConfig()
 
     @field_validator("algorithm")
     @classmethod
@@ -601,7 +603,9 @@ class TrainConfig(Section):
                 f"optim.critic_warmup_steps ({self.optim.critic_warmup_steps}) must be below optim.steps "
                 f"({self.optim.steps}), or the policy never trains"
             )
-        if not preset.uses_critic and self.rollout.group_size < 2:
+        self._check_distill(preset)
+        # the teacher's per-token signal needs no group baseline
+        if not preset.uses_critic and preset.advantage != "reverse_kl" and self.rollout.group_size < 2:
             raise ValueError(
                 f"rollout.group_size must be >= 2 for {self.algorithm!r} (a group baseline needs "
                 "several samples per prompt); got 1"
@@ -654,6 +658,30 @@ class TrainConfig(Section):
                 "the default for data.path); set warmstart.rows=split or drop warmstart.split_fraction"
             )
         return self
+
+    def _check_distill(self, preset: AlgorithmPreset) -> None:
+        """The teachers' signal is the advantage (reverse_kl, algorithm distill) or added to an RL
+        advantage by distill.coef; each distill setting must act in the mode the run is in."""
+        distill = self.distill
+        if preset.advantage == "reverse_kl":
+            if not distill.teachers:
+                raise ValueError(
+                    f"{self.algorithm!r} learns from teachers (advantage reverse_kl); add distill.teachers"
+                )
+            if distill.coef:
+                raise ValueError(
+                    f"distill.coef adds the teachers' signal to an RL advantage, but {self.algorithm!r}'s "
+                    "advantage is that signal already (reverse_kl); drop distill.coef"
+                )
+            if self.algo.advantage_kwargs and "gamma" in self.algo.advantage_kwargs:
+                raise ValueError(
+                    "algo.advantage_kwargs.gamma: the reverse_kl discount is distill.discount; set that instead"
+                )
+        elif distill.teachers and not distill.coef and _changed(distill, "discount"):
+            raise ValueError(
+                "distill.discount shapes the teachers' signal, which distill.coef 0 leaves out of the "
+                f"advantage of {self.algorithm!r}; set distill.coef > 0 or drop distill.discount"
+            )
 
     def _check_kl_acts(self, preset: AlgorithmPreset) -> None:
         """KL settings must act: refuse them when the run applies no KL term (placement none or
@@ -726,7 +754,10 @@ class TrainConfig(Section):
         import posttrain.algorithms  # noqa: F401  (registers every function)
 
         overrides = {k: v for k, v in self.algo.model_dump().items() if v is not None}
-        return get_preset(self.algorithm).with_overrides(**overrides)
+        preset = get_preset(self.algorithm).with_overrides(**overrides)
+        if preset.advantage == "reverse_kl":  # the teacher signal's discount is one setting
+            preset = preset.with_overrides(advantage_kwargs={"gamma": self.distill.discount})
+        return preset
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

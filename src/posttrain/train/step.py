@@ -1,6 +1,7 @@
 """One RL training step, top to bottom, as in the papers' pseudo-code.
 
-    collect (rollout + rewards) -> (old, reference log-probs; values) -> KL-in-reward -> advantages
+    collect (rollout + rewards) -> (old, reference log-probs; values) -> (teacher log-probs)
+            -> KL-in-reward -> advantages (+ distill.coef x the teachers' reverse-KL advantage)
             -> epochs x mini-batches of clipped-surrogate updates (+ KL loss, entropy, critic)
 
 The same function runs PPO, GRPO, GSPO and every other preset: the preset only picks names.
@@ -26,6 +27,7 @@ from posttrain.algorithms.shaping import dynamic_sampling_keep, overlong_penalty
 from posttrain.algorithms.value import clipped_value_loss, explained_variance
 from posttrain.data.batch import Batch, collate_episodes, micro_batches, mini_batches
 from posttrain.data.trace import Episode
+from posttrain.distill.teachers import Teachers
 from posttrain.models.prefix import ActionForward
 from posttrain.rollout.collector import Collector
 from posttrain.rollout.engine import RolloutEngine, SamplingParams
@@ -55,6 +57,7 @@ class TrainState:
     critic_optimizer: torch.optim.Optimizer | None = None
     critic_scheduler: Any | None = None
     kl_controller: FixedKLController | AdaptiveKLController | None = None
+    teachers: Teachers | None = None  # on-policy distillation (distill.teachers)
     step: int = 0
     data_position: int = 0
     last_samples: list[dict[str, Any]] = field(default_factory=list)
@@ -142,8 +145,34 @@ def fill_old_ref_values(state: TrainState, batch: Batch, temperature: float) -> 
     batch.values = values * batch.loss_mask if values is not None else None
 
 
+@torch.no_grad()
+def fill_teacher_logprobs(
+    state: TrainState, batch: Batch, rows: Sequence[dict[str, Any]], temperature: float
+) -> dict[str, float]:
+    """On-policy distillation: each row's teacher scores the tokens the student sampled.
+
+    A batch row belongs to the prompt ``rows[group_id]``, whose routing picks its teacher; each
+    teacher runs over its own rows. Without teachers this phase does nothing.
+    """
+    if state.teachers is None:
+        return {}
+    started = time.perf_counter()
+    teacher_of_prompt = state.teachers.route_rows(rows)
+    names = [teacher_of_prompt[group] for group in batch.group_ids.tolist()]
+    optim = state.config.optim
+    batch.teacher_logprobs = state.teachers.logprobs(
+        batch,
+        names,
+        micro_batch_size=optim.micro_batch_size,
+        share=optim.share_prompts,
+        temperature=temperature,
+    )
+    return state.teachers.metrics(batch, names) | {"time/teachers": time.perf_counter() - started}
+
+
 def compute_advantages(state: TrainState, batch: Batch) -> dict[str, float]:
-    """KL-in-reward (when placed there), then the preset's advantage estimator."""
+    """KL-in-reward (when placed there), the preset's advantage estimator, then the teachers'
+    reverse-KL advantage weighted by ``distill.coef`` (distillation added to RL)."""
     preset = state.preset
     metrics: dict[str, float] = {}
     if batch.ref_logprobs is not None and batch.old_logprobs is not None:
@@ -154,6 +183,10 @@ def compute_advantages(state: TrainState, batch: Batch) -> dict[str, float]:
     batch.advantages, batch.returns = ADVANTAGES.call(
         preset.advantage, batch.as_dict(), preset.advantage_kwargs
     )
+    distill = state.config.distill
+    if distill.coef and batch.teacher_logprobs is not None:
+        signal, _ = ADVANTAGES.call("reverse_kl", batch.as_dict(), {"gamma": distill.discount})
+        batch.advantages = batch.advantages + distill.coef * signal
     metrics["advantage_mean"] = float(masked_mean(batch.advantages, batch.loss_mask))
     metrics["advantage_abs"] = float(masked_mean(batch.advantages.abs(), batch.loss_mask))
     return metrics
@@ -364,6 +397,7 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
     metrics.update(shaping_metrics)
     batch = collate_episodes(episodes, state.tokenizer.pad_token_id)
     fill_old_ref_values(state, batch, logprob_temperature(cfg))
+    metrics.update(fill_teacher_logprobs(state, batch, rows, logprob_temperature(cfg)))
     t2 = time.perf_counter()
     metrics.update(compute_advantages(state, batch))
     t3 = time.perf_counter()
@@ -393,7 +427,7 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
             # time/generate (inside the engine) came with the rollout; the rest of collecting is
             # scoring: reward functions, environment steps, tokenization
             "time/rewards": max(t1 - t0 - metrics["time/generate"], 0.0),
-            "time/logprobs": t2 - t1,  # collate + old / reference log-probs + values
+            "time/logprobs": t2 - t1,  # collate + old / reference / teacher log-probs + values
             "time/advantages": t3 - t2,
             "time/train": t4 - t3,  # time/forward_backward + time/optimizer + metric bookkeeping
             "time/step": t4 - t0,

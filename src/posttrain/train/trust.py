@@ -1,12 +1,13 @@
 """Code a run folder would make posttrain import: refused unless the user says they trust it.
 
 A run's ``config.yaml`` may name Python code by import path: reward functions
-(``data.reward_fns[i].fn``), an environment (``env.name``) and a guard judge
-(``env.guard.judge.fn``), each ``'package.module:name'`` or ``'path/file.py:name'``. Resuming or
-evaluating that folder imports them, which runs whatever they contain; a run folder someone sent
-you can therefore run their code on your machine. ``posttrain train --resume`` and ``posttrain eval
---model RUN`` list that code and stop unless given ``--trust-run-code``. Built-in names are not
-code, and a config you pass yourself (``--config``, ``--set``, Python) is yours: neither needs it.
+(``data.reward_fns[i].fn``), an environment (``env.name``), a guard judge (``env.guard.judge.fn``)
+and a distillation router (``distill.route_fn``), each ``'package.module:name'`` or
+``'path/file.py:name'``. Resuming or evaluating that folder imports them, which runs whatever
+they contain; a run folder someone sent you can therefore run their code on your machine.
+``posttrain train --resume`` and ``posttrain eval --model RUN`` list that code and stop unless
+given ``--trust-run-code``. Built-in names are not code, and a config you pass yourself
+(``--config``, ``--set``, Python) is yours: neither needs it.
 
 The YAML is read as plain data here: validating it as a ``TrainConfig`` would already import the
 environment.
@@ -64,6 +65,9 @@ def code_in_config(tree: Mapping[str, Any]) -> list[CodeRef]:
         judge = guard.get("judge") if isinstance(guard, Mapping) else None
         if isinstance(judge, Mapping):
             refs += _ref("env.guard.judge.fn", judge.get("fn"))
+    distill = tree.get("distill")
+    if isinstance(distill, Mapping):
+        refs += _ref("distill.route_fn", distill.get("route_fn"))
     return refs
 
 

@@ -26,13 +26,6 @@ Demonstration = tuple[list[int], list[int]]
 DemonstrationSource = Callable[[Any, list[dict[str, Any]], random.Random], list[Demonstration]]
 
 
-def adamw(params: list[torch.nn.Parameter], *, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel where every parameter allows it (CPU or CUDA floats): one
-    kernel instead of a Python loop over parameters (3.5x faster on a 36M-parameter model here)."""
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-
-
 def row_demonstrations(tokenizer: Any, rows: list[dict[str, Any]]) -> list[Demonstration]:
     """``prompt + solution + eos`` per row; the loss mask covers solution and eos only."""
     out = []
@@ -95,7 +88,8 @@ def warm_start(
     torch.manual_seed(seed)
     model, tokenizer = load_policy(base_path)
     model.train()
-    optimizer = adamw(list(model.parameters()), lr=settings.lr, weight_decay=settings.weight_decay)
+    # the loop AdamW, not the fused one: cached warm-starts stay what a fresh machine builds
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     # cosine decay keeps the short stage stable
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=settings.steps)
     rng = random.Random(seed)

@@ -279,7 +279,8 @@ class StepWatch:
         self.samples = cfg.rollout.prompts_per_step * cfg.rollout.group_size
         self.group_baseline = uses_group_baseline(cfg.preset())
         self.flat_steps = 0
-        self.terms_checked = False
+        # pure distillation (reverse_kl) learns from its teachers, not from the reward
+        self.terms_checked = cfg.preset().advantage == "reverse_kl"
 
     def after_step(self, step: int, metrics: Mapping[str, float]) -> None:
         """Check the metrics of ``step`` (the number of steps done)."""
