@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from posttrain.rewards.functions import RewardTerm
 from posttrain.rollout.collector import encode_prompt
 from posttrain.rollout.engine import SamplingParams
 from posttrain.rollout.single_turn import SingleTurnCollector
-from posttrain.train.config import load_config
+from posttrain.train.config import ConfigError, load_config
 from posttrain.train.setup import build_state, build_task, embedded_model_path, seed_everything
 from posttrain.train.step import (
     TrainState,
@@ -461,6 +463,29 @@ def test_shared_prompts_give_the_update_of_full_rows_with_fewer_tokens(setup, al
     for key in ("policy_loss", "grad_norm", "kl", "value_loss"):
         if key in metrics[1]:
             assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_a_model_with_dropout_still_updates_on_policy_first(setup, tmp_path, algorithm: str) -> None:
+    out, task, path = setup
+    dropout_model = tmp_path / "dropout_model"
+    shutil.copytree(path, dropout_model)
+    config = json.loads((dropout_model / "config.json").read_text())
+    config["attention_dropout"] = 0.5  # in train mode every forward would draw a different mask
+    (dropout_model / "config.json").write_text(json.dumps(config))
+    cfg = make_config(setup, f"algorithm={algorithm}", "optim.lr=0.02")
+    seed_everything(cfg.run.seed)
+    state = build_state(cfg, task, dropout_model)
+    assert state.policy.config.attention_dropout == 0.5
+    metrics = rl_step(state, prompts_for(setup, state))
+    assert metrics["ratio_min"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert not state.policy.training
+
+
+def test_lora_dropout_is_refused_at_load(setup) -> None:
+    with pytest.raises(ConfigError, match=r"model\.lora\.dropout.*dropout off"):
+        make_config(setup, "model.lora={r: 4, dropout: 0.1}")
 
 
 def test_first_mini_batch_is_on_policy_and_later_epochs_are_not(setup) -> None:

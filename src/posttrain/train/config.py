@@ -66,8 +66,18 @@ class RunSettings(Section):
 class LoraConfig(Section):
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, description="must be 0: RL trains with dropout off")
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+    @field_validator("dropout")
+    @classmethod
+    def _no_dropout(cls, value: float) -> float:
+        if value != 0.0:
+            raise ValueError(
+                f"got {value}; RL trains with dropout off, so the first update of every step is "
+                "on-policy (ratio 1 against the sampler's log-probs): remove model.lora.dropout"
+            )
+        return value
 
 
 class ModelConfig(Section):

@@ -219,7 +219,11 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
     sums: dict[str, float] = {}
     seconds = {"time/forward_backward": 0.0, "time/optimizer": 0.0}
     num_micro = num_steps = skipped = 0
-    state.policy.train()
+    # dropout stays off (eval mode; gradients still flow): a random mask per forward pass would make
+    # even the first update off-policy (ratio != 1 against the sampler's log-probs)
+    state.policy.eval()
+    if state.critic is not None:
+        state.critic.eval()
     for _epoch in range(cfg.optim.epochs):
         for rows in mini_batches(batch.episode_ids, num_mini_batches, generator):
             mini = batch.select(rows)
