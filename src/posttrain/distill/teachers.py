@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from posttrain.algorithms.distill import teacher_signal
 from posttrain.algorithms.masked import masked_mean
-from posttrain.data.batch import Batch, micro_batches
-from posttrain.models.load import _from_pretrained, check_model_folder
-from posttrain.models.prefix import ActionForward
+from posttrain.data.batch import Batch
+from posttrain.models.load import _from_pretrained, check_model_folder, load_frozen
+from posttrain.models.prefix import planned_micro_batches
 from posttrain.plugins import load_from_spec
 
 Router = Callable[[Mapping[str, Any]], str]
@@ -142,10 +142,7 @@ class Teachers:
                     "tokenizer (cross-tokenizer distillation is not supported); the embedded tiny models "
                     "share one with model.tiny_tokenizer=char for the student and every teacher"
                 )
-            model = _from_pretrained(AutoModelForCausalLM, folder, local=True, dtype=dtype)
-            model.eval()
-            model.requires_grad_(False)
-            models[name] = model
+            models[name] = load_frozen(folder, dtype=dtype)
         return cls(models, route)
 
     def route_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -163,11 +160,8 @@ class Teachers:
             mine = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long)
             if not len(mine):
                 continue
-            rows_of_teacher = batch.select(mine)
-            for rows in micro_batches(rows_of_teacher.attention_mask, micro_batch_size):
-                part = rows_of_teacher.select(rows)
-                plan = ActionForward.plan(part.input_ids, part.attention_mask, part.loss_mask, share=share)
-                out[mine[rows], : part.input_ids.shape[1]] = plan.logprobs(model, temperature=temperature)[0]
+            for rows, plan in planned_micro_batches(batch.select(mine), micro_batch_size, share=share):
+                out[mine[rows], : plan.input_ids.shape[1]] = plan.logprobs(model, temperature=temperature)[0]
         return torch.where(batch.loss_mask > 0, out, torch.zeros_like(out))
 
     def metrics(self, batch: Batch, names: Sequence[str]) -> dict[str, float]:

@@ -78,6 +78,15 @@ def _from_pretrained(auto_class: Any, path: str | Path, *, local: bool, **kwargs
         raise ModelLoadError(f"could not load {str(path)!r} {where}: {error}") from error
 
 
+def load_frozen(path: str | Path, *, dtype: torch.dtype, hub: bool = False) -> PreTrainedModel:
+    """A causal LM that only scores (a reference, a teacher): eval mode, no gradients, in ``dtype``."""
+    local = check_model_folder(path, hub=hub, tokenizer=False)
+    model: PreTrainedModel = _from_pretrained(AutoModelForCausalLM, path, local=local, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 @dataclass
 class LoraSettings:
     """Low-rank adapters on the attention projections (Hu et al. 2021, LoRA)."""
@@ -173,11 +182,7 @@ class ReferencePolicy:
         if is_peft_model(policy_model):
             return cls(policy_model, shares_policy=True)
         dtype = next(policy_model.parameters()).dtype
-        local = check_model_folder(path, hub=hub, tokenizer=False)
-        reference: PreTrainedModel = _from_pretrained(AutoModelForCausalLM, path, local=local, dtype=dtype)
-        reference.eval()
-        reference.requires_grad_(False)
-        return cls(reference, shares_policy=False)
+        return cls(load_frozen(path, dtype=dtype, hub=hub), shares_policy=False)
 
     @torch.no_grad()
     def logprobs(self, plan: ActionForward, temperature: float = 1.0) -> Tensor:

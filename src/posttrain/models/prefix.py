@@ -12,13 +12,14 @@ cost is paid once per group instead of G times.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from posttrain.data.batch import Batch, micro_batches
 from posttrain.models.forward import (
     position_ids_from_mask,
     prediction_logprobs,
@@ -201,3 +202,14 @@ class ActionForward:
             entropy_grad=entropy_grad,
         )
         return shared.to_tokens(logprobs), None if entropy is None else shared.to_tokens(entropy)
+
+
+def planned_micro_batches(
+    batch: Batch, micro_batch_size: int, *, share: bool
+) -> Iterator[tuple[Tensor, ActionForward]]:
+    """``(rows, plan)`` for each length-grouped micro-batch of ``batch`` (``data.batch.micro_batches``):
+    ``rows`` index ``batch``; ``plan`` runs those rows, trimmed to their own width
+    (``plan.input_ids.shape[1]``), sharing prompts when ``share``."""
+    for rows in micro_batches(batch.attention_mask, micro_batch_size):
+        part = batch.select(rows)
+        yield rows, ActionForward.plan(part.input_ids, part.attention_mask, part.loss_mask, share=share)

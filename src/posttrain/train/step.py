@@ -28,7 +28,7 @@ from posttrain.algorithms.value import clipped_value_loss, explained_variance
 from posttrain.data.batch import Batch, collate_episodes, micro_batches, mini_batches
 from posttrain.data.trace import Episode
 from posttrain.distill.teachers import Teachers
-from posttrain.models.prefix import ActionForward
+from posttrain.models.prefix import ActionForward, planned_micro_batches
 from posttrain.rollout.collector import Collector
 from posttrain.rollout.engine import RolloutEngine, SamplingParams
 from posttrain.train.config import TrainConfig
@@ -124,23 +124,18 @@ def fill_old_ref_values(state: TrainState, batch: Batch, temperature: float) -> 
     """
     reuse = state.config.rollout.reuse_logprobs and getattr(state.engine, "logprobs_match_policy", False)
     optim = state.config.optim
-    old = torch.zeros_like(batch.loss_mask)
+    old = None if reuse else torch.zeros_like(batch.loss_mask)
     ref = torch.zeros_like(batch.loss_mask) if state.reference is not None else None
     values = torch.zeros_like(batch.loss_mask) if state.critic is not None else None
-    for rows in micro_batches(batch.attention_mask, optim.micro_batch_size):
-        part = batch.select(rows)
-        plan = ActionForward.plan(
-            part.input_ids, part.attention_mask, part.loss_mask, share=optim.share_prompts
-        )
-        width = part.input_ids.shape[1]
-        if not reuse:
+    for rows, plan in planned_micro_batches(batch, optim.micro_batch_size, share=optim.share_prompts):
+        width = plan.input_ids.shape[1]
+        if old is not None:
             old[rows, :width] = plan.logprobs(state.policy, temperature=temperature)[0]
         if ref is not None and state.reference is not None:
             ref[rows, :width] = state.reference.logprobs(plan, temperature=temperature)
         if values is not None and state.critic is not None:
-            values[rows, :width] = state.critic(part.input_ids, part.attention_mask, shared=plan.shared)
-    batch.old_logprobs = batch.rollout_logprobs if reuse else old
-    batch.old_logprobs = batch.old_logprobs * batch.loss_mask
+            values[rows, :width] = state.critic(plan.input_ids, plan.attention_mask, shared=plan.shared)
+    batch.old_logprobs = (batch.rollout_logprobs if old is None else old) * batch.loss_mask
     batch.ref_logprobs = ref
     batch.values = values * batch.loss_mask if values is not None else None
 
