@@ -13,6 +13,7 @@ import linecache
 import math
 import os
 import shlex
+import subprocess
 import sys
 import textwrap
 import traceback
@@ -188,17 +189,38 @@ def _train(args: argparse.Namespace) -> int:
         # before the trainer's imports too, and before loading the config (which imports an environment)
         action = f"--resume {args.resume}"
         check_run_code(args.resume / CONFIG_FILE, args.set, trusted=args.trust_run_code, action=action)
+    if args.nproc > 1:
+        return _launch_processes(args)
+    from posttrain.scale.fsdp import init_distributed, world_size_from_env
     from posttrain.train.loop import resume_run, train
 
+    ranks = init_distributed() if world_size_from_env() > 1 else None  # under torchrun
     if config is None:
-        result = resume_run(args.resume, args.set, trust_run_code=args.trust_run_code)
+        result = resume_run(args.resume, args.set, trust_run_code=args.trust_run_code, ranks=ranks)
     else:
-        result = train(config, overwrite=args.overwrite)
+        result = train(config, overwrite=args.overwrite, ranks=ranks)
+    if ranks is not None and not ranks.is_main:
+        return 0
     print(result.table)
     print(f"curves:     {result.plot_path}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"metrics:    {result.run_dir / 'metrics.jsonl'}")
     return 0
+
+
+def _launch_processes(args: argparse.Namespace) -> int:
+    """``--nproc N``: the same command in N processes under torchrun (one machine), FSDP2 over them."""
+    argv = list(args.argv)
+    at = next(i for i, item in enumerate(argv) if item == "--nproc" or item.startswith("--nproc="))
+    del argv[at : at + (1 if "=" in argv[at] else 2)]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+    ]
+    return subprocess.call([*launcher, "-m", "posttrain.cli", *argv])
 
 
 def _sets_data(overrides: list[str]) -> bool:
@@ -309,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--trust-run-code", action="store_true", help=TRUST_HELP)
     train.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="train in N processes on this machine (torchrun; FSDP2 shards the policy and critic; "
+        "gloo on CPU, NCCL on GPUs)",
+    )
+    train.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved config, each key with its description, and exit",
@@ -377,6 +407,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.command_line = shlex.join(["posttrain", *(sys.argv[1:] if argv is None else argv)])
     from transformers.utils import logging as hf_logging
 

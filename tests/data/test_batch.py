@@ -132,3 +132,13 @@ def test_micro_batches_partition_the_rows_and_cut_padding(lengths: list[int], si
     # padded width summed over micro-batches never exceeds one batch padded to the longest row
     padded = sum(len(p) * max(lengths[i] for i in p.tolist()) for p in parts)
     assert padded <= len(lengths) * width
+
+
+def test_weightless_rows_keep_their_tensors_and_weigh_nothing():
+    batch = collate_episodes([_two_segment_episode()], pad_token_id=0)
+    batch.loss_weights = torch.ones(2, 4)
+    padding = batch.select([0]).weightless()
+    assert padding.input_ids.tolist() == [[1, 2, 3, 4]]
+    assert padding.loss_weights.tolist() == [[0.0] * 4]
+    assert padding.value_weights is None  # unset stays unset
+    assert batch.loss_weights.sum() == 8  # the original is untouched

@@ -283,7 +283,7 @@ def test_a_teacher_equal_to_the_student_gives_no_signal(models):
     assert batch.advantages.abs().max() < 1e-5 and abs(metrics["distill/reverse_kl"]) < 1e-6
     assert bool((batch.advantages[batch.loss_mask == 0] == 0).all())
     params = [p for p in state.policy.parameters() if p.requires_grad]
-    state.policy_optimizer, state.policy_scheduler = torch.optim.SGD(params, lr=1.0), None
+    state.actor.optimizer, state.actor.scheduler = torch.optim.SGD(params, lr=1.0), None
     before = [p.detach().clone() for p in params]
     result = update(state, batch, step_seed=0)
     assert result["clipfrac"] == 0.0 and result["grad_norm"] < 1e-5

@@ -443,8 +443,8 @@ def test_state_wiring_follows_the_preset(base, algorithm: str) -> None:
     preset = PRESETS[algorithm]
     assert state.preset == cfg.preset()
     assert (state.critic is not None) == preset.uses_critic
-    assert (state.critic_optimizer is not None) == preset.uses_critic
-    assert (state.critic_scheduler is not None) == preset.uses_critic
+    assert (state.critic is not None and state.critic.optimizer is not None) == preset.uses_critic
+    assert (state.critic is not None and state.critic.scheduler is not None) == preset.uses_critic
     wants_reference = preset.kl_placement != "none" and preset.kl_coef > 0
     assert (state.reference is not None) == wants_reference
     assert (state.kl_controller is not None) == wants_reference
@@ -454,7 +454,7 @@ def test_state_wiring_follows_the_preset(base, algorithm: str) -> None:
         assert not state.reference.shares_policy
         assert not any(p.requires_grad for p in state.reference.model.parameters())
     if state.critic is not None:
-        assert isinstance(state.critic, ValueModel)
+        assert isinstance(state.critic.module, ValueModel)
     assert state.step == 0 and state.data_position == 0
     assert state.max_new_tokens == base[1].max_new_tokens
     assert isinstance(state.engine, HFRolloutEngine) and state.engine.model is state.policy
@@ -492,11 +492,11 @@ def test_optimizers_hold_exactly_the_trainable_parameters(base) -> None:
     _, state = _state(
         base, "algorithm=ppo", "optim.lr=0.003", "optim.critic_lr=0.02", "optim.weight_decay=0.1"
     )
-    [group] = state.policy_optimizer.param_groups
+    [group] = state.actor.optimizer.param_groups
     assert {id(p) for p in group["params"]} == {id(p) for p in state.policy.parameters()}
     assert group["lr"] == 0.003 and group["weight_decay"] == 0.1
-    [critic_group] = state.critic_optimizer.param_groups
-    assert {id(p) for p in critic_group["params"]} == {id(p) for p in state.critic.parameters()}
+    [critic_group] = state.critic.optimizer.param_groups
+    assert {id(p) for p in critic_group["params"]} == {id(p) for p in state.critic.module.parameters()}
     assert critic_group["lr"] == 0.02
 
 
@@ -506,7 +506,7 @@ def test_lora_trains_only_the_adapters_and_the_reference_shares_the_policy(base)
     frozen = {name for name, p in state.policy.named_parameters() if not p.requires_grad}
     assert trainable and frozen
     assert all("lora_" in name for name in trainable)
-    assert {id(p) for p in state.policy_optimizer.param_groups[0]["params"]} == {
+    assert {id(p) for p in state.actor.optimizer.param_groups[0]["params"]} == {
         id(p) for p in state.policy.parameters() if p.requires_grad
     }
     adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable}
@@ -533,27 +533,27 @@ def test_lr_warms_up_linearly_then_holds(base) -> None:
         "optim.warmup_steps=4",
         "optim.lr_schedule=constant",
     )
-    assert _lrs(state.policy_optimizer, state.policy_scheduler, 6) == pytest.approx(
+    assert _lrs(state.actor.optimizer, state.actor.scheduler, 6) == pytest.approx(
         [0.0, 0.0025, 0.005, 0.0075, 0.01, 0.01]
     )
-    assert _lrs(state.critic_optimizer, state.critic_scheduler, 6) == pytest.approx(
+    assert _lrs(state.critic.optimizer, state.critic.scheduler, 6) == pytest.approx(
         [0.0, 0.025, 0.05, 0.075, 0.1, 0.1]
     )
 
 
 def test_lr_without_warmup_is_constant(base) -> None:
     _, state = _state(base, "optim.lr=0.01", "optim.lr_schedule=constant")
-    assert _lrs(state.policy_optimizer, state.policy_scheduler, 3) == pytest.approx([0.01] * 3)
+    assert _lrs(state.actor.optimizer, state.actor.scheduler, 3) == pytest.approx([0.01] * 3)
 
 
 def test_default_lr_schedule_decays_linearly_over_the_run(base) -> None:
     _, state = _state(base, "optim.lr=0.01", "optim.steps=2")
-    assert _lrs(state.policy_optimizer, state.policy_scheduler, 3) == pytest.approx([0.01, 0.005, 0.0])
+    assert _lrs(state.actor.optimizer, state.actor.scheduler, 3) == pytest.approx([0.01, 0.005, 0.0])
 
 
 def test_linear_lr_schedule_decays_to_zero_at_the_last_step(base) -> None:
     _, state = _state(base, "optim.lr=0.01", "optim.steps=4", "optim.lr_schedule=linear")
-    assert _lrs(state.policy_optimizer, state.policy_scheduler, 5) == pytest.approx(
+    assert _lrs(state.actor.optimizer, state.actor.scheduler, 5) == pytest.approx(
         [0.01, 0.0075, 0.005, 0.0025, 0.0]
     )
 
@@ -576,7 +576,9 @@ def test_resume_paths_load_policy_and_critic_but_reference_stays_the_start(base,
     torch.testing.assert_close(
         state.reference.model.model.embed_tokens.weight, start.model.embed_tokens.weight
     )
-    assert (state.critic.value_head.weight == 0.25).all() and (state.critic.value_head.bias == -1.5).all()
+    assert (state.critic.module.value_head.weight == 0.25).all() and (
+        state.critic.module.value_head.bias == -1.5
+    ).all()
 
 
 def test_config_critic_path_initialises_the_critic(base, tmp_path: Path) -> None:
@@ -586,7 +588,7 @@ def test_config_critic_path_initialises_the_critic(base, tmp_path: Path) -> None
         critic.value_head.bias.fill_(3.0)
     critic.save_pretrained(tmp_path / "critic")
     _, state = _state(base, "algorithm=ppo", f"model.critic_path={tmp_path / 'critic'}")
-    assert state.critic.value_head.bias.item() == 3.0
+    assert state.critic.module.value_head.bias.item() == 3.0
 
 
 def _small_critic(path: Path, out: Path, vocab_size: int) -> Path:
@@ -604,11 +606,11 @@ def test_a_smaller_critic_than_the_policy_trains_with_ppo(base, tmp_path: Path) 
     policy_config = AutoConfig.from_pretrained(path)
     critic_dir = _small_critic(path, tmp_path / "small_critic", policy_config.vocab_size)
     _, state = _state(base, "algorithm=ppo", f"model.critic_path={critic_dir}", "rollout.prompts_per_step=2")
-    assert state.critic.backbone.config.hidden_size == 16 < policy_config.hidden_size
-    head_before = state.critic.value_head.weight.detach().clone()
+    assert state.critic.module.backbone.config.hidden_size == 16 < policy_config.hidden_size
+    head_before = state.critic.module.value_head.weight.detach().clone()
     metrics = rl_step(state, task.train[:2])
     assert metrics["value_loss"] > 0
-    assert not torch.equal(state.critic.value_head.weight, head_before)
+    assert not torch.equal(state.critic.module.value_head.weight, head_before)
 
 
 def test_a_critic_with_a_smaller_vocabulary_is_refused(base, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -25,6 +26,7 @@ from posttrain.train.setup import build_state, build_task, embedded_model_path, 
 from posttrain.train.step import (
     TrainState,
     compute_advantages,
+    corrected,
     fill_old_ref_values,
     logprob_temperature,
     rl_step,
@@ -112,8 +114,8 @@ def use_sgd(state: TrainState, lr: float = 1.0) -> None:
     """Plain SGD so parameter updates are proportional to the gradient (AdamW's first step is
     nearly sign(grad): it would hide a wrongly scaled gradient)."""
     params = [p for p in state.policy.parameters() if p.requires_grad]
-    state.policy_optimizer = torch.optim.SGD(params, lr=lr)
-    state.policy_scheduler = None
+    state.actor.optimizer = torch.optim.SGD(params, lr=lr)
+    state.actor.scheduler = None
 
 
 def prepared_batch(state: TrainState, rows: list[dict], seed: int = 123) -> Batch:
@@ -427,11 +429,13 @@ def test_gradient_accumulation_equals_one_big_micro_batch(setup, algorithm: str)
             setup, f"algorithm={algorithm}", f"optim.micro_batch_size={micro}", "optim.max_grad_norm=1e6"
         )
         use_sgd(state, lr=0.5)
-        before, critic_before = snapshot(state.policy), snapshot(state.critic) if state.critic else {}
+        before, critic_before = snapshot(state.policy), snapshot(state.critic.module) if state.critic else {}
         metrics.append(rl_step(state, prompts_for(setup, state)))
         moved.append(deltas(state.policy, before))
         if state.critic is not None:
-            moved[-1].update({f"critic.{k}": v for k, v in deltas(state.critic, critic_before).items()})
+            moved[-1].update(
+                {f"critic.{k}": v for k, v in deltas(state.critic.module, critic_before).items()}
+            )
     assert max(d.abs().max().item() for d in moved[0].values()) > 1e-3
     for name in moved[0]:
         torch.testing.assert_close(moved[0][name], moved[1][name], atol=1e-6, rtol=1e-4)
@@ -446,7 +450,7 @@ def test_shared_prompts_give_the_update_of_full_rows_with_fewer_tokens(setup, al
             setup, f"algorithm={algorithm}", f"optim.share_prompts={share}", "optim.max_grad_norm=1e6"
         )
         use_sgd(state, lr=0.5)
-        before, critic_before = snapshot(state.policy), snapshot(state.critic) if state.critic else {}
+        before, critic_before = snapshot(state.policy), snapshot(state.critic.module) if state.critic else {}
         seen: list[int] = []
         hook = state.policy.get_input_embeddings().register_forward_hook(
             lambda _m, inputs, _o, seen=seen: seen.append(inputs[0].numel())
@@ -456,7 +460,9 @@ def test_shared_prompts_give_the_update_of_full_rows_with_fewer_tokens(setup, al
         tokens.append(sum(seen))
         moved.append(deltas(state.policy, before))
         if state.critic is not None:
-            moved[-1].update({f"critic.{k}": v for k, v in deltas(state.critic, critic_before).items()})
+            moved[-1].update(
+                {f"critic.{k}": v for k, v in deltas(state.critic.module, critic_before).items()}
+            )
     assert tokens[0] < tokens[1]  # the prompts ran once per group (generation included in both)
     for name in moved[0]:
         torch.testing.assert_close(moved[0][name], moved[1][name], atol=1e-6, rtol=1e-4)
@@ -519,7 +525,7 @@ def _count_steps(optimizer: torch.optim.Optimizer) -> list[float]:
 
 def test_epochs_times_mini_batches_optimizer_steps(setup) -> None:
     state = make_state(setup, "optim.epochs=2", "optim.num_mini_batches=2", "optim.max_grad_norm=1e6")
-    norms = _count_steps(state.policy_optimizer)
+    norms = _count_steps(state.actor.optimizer)
     metrics = rl_step(state, prompts_for(setup, state))
     assert len(norms) == 4
     assert metrics["grad_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-5)
@@ -529,7 +535,7 @@ def test_num_mini_batches_is_the_number_of_optimizer_steps_per_epoch(setup) -> N
     state = make_state(
         setup, "rollout.prompts_per_step=3", "rollout.group_size=2", "optim.num_mini_batches=4"
     )
-    norms = _count_steps(state.policy_optimizer)
+    norms = _count_steps(state.actor.optimizer)
     rl_step(state, prompts_for(setup, state))
     assert len(norms) == 4
 
@@ -542,7 +548,7 @@ def test_grad_norm_metric_is_the_mean_over_optimizer_steps(setup) -> None:
         "optim.num_mini_batches=4",
         "optim.max_grad_norm=1e6",
     )
-    norms = _count_steps(state.policy_optimizer)
+    norms = _count_steps(state.actor.optimizer)
     metrics = rl_step(state, prompts_for(setup, state))
     assert sum(norms) > 0
     assert metrics["grad_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-5)
@@ -578,10 +584,10 @@ def test_dynamic_sampling_shrinking_below_num_mini_batches_still_trains(setup) -
 
 def test_critic_warmup_trains_only_the_critic(setup) -> None:
     state = make_state(setup, "algorithm=ppo", "optim.critic_warmup_steps=1", "optim.lr=0.01")
-    policy_before, critic_before = snapshot(state.policy), snapshot(state.critic)
+    policy_before, critic_before = snapshot(state.policy), snapshot(state.critic.module)
     metrics = rl_step(state, prompts_for(setup, state))
     assert all((d == 0).all() for d in deltas(state.policy, policy_before).values())
-    assert any((d != 0).any() for d in deltas(state.critic, critic_before).values())
+    assert any((d != 0).any() for d in deltas(state.critic.module, critic_before).values())
     assert metrics["grad_norm"] == 0.0 and "policy_loss" not in metrics
     assert metrics["value_loss"] > 0
     # the next step is past the warm-up: the policy moves too
@@ -616,6 +622,7 @@ COMMON_KEYS = {
     "time/train",
     "time/forward_backward",
     "time/optimizer",
+    "time/sync",
     "time/step",
     "tokens_per_s",
     "lr",
@@ -637,7 +644,7 @@ def test_rl_step_reports_the_documented_metrics(setup, algorithm: str, present: 
     assert COMMON_KEYS | present <= set(metrics)
     assert not absent & set(metrics)
     assert all(isinstance(v, float) and v == v for v in metrics.values())  # floats, no NaN
-    phases = ("time/generate", "time/rewards", "time/logprobs", "time/advantages", "time/train")
+    phases = ("time/generate", "time/rewards", "time/logprobs", "time/advantages", "time/train", "time/sync")
     assert all(metrics[k] >= 0 for k in phases)
     # the phases tile the step; forward/backward and the optimizer are inside train
     assert sum(metrics[k] for k in phases) == pytest.approx(metrics["time/step"], abs=1e-3)
@@ -786,3 +793,116 @@ def test_a_huge_learning_rate_stops_the_run_instead_of_training_on_nan(setup) ->
     with pytest.raises(NonFiniteError, match="optim.lr"):
         for _ in range(5):
             rl_step(state, prompts_for(setup, state))
+
+
+class _ShiftedEngine:
+    """The HF engine, reporting each sampled token's log-prob ``shift`` off the trainer's (a sampler
+    whose numbers differ from the training forward's, as vLLM's do); records weight syncs."""
+
+    logprobs_match_policy = False
+
+    def __init__(self, engine, shift: float) -> None:
+        self.engine, self.shift, self.synced = engine, shift, []
+
+    def generate(self, prompt_ids, params, *, seed=None):
+        completions = self.engine.generate(prompt_ids, params, seed=seed)
+        return [dataclasses.replace(c, logprobs=[v + self.shift for v in c.logprobs]) for c in completions]
+
+    def sync_weights(self, model) -> None:
+        self.synced.append(model)
+        self.engine.sync_weights(model)
+
+
+def shifted_state(setup, shift: float, *extra: str) -> TrainState:
+    state = make_state(setup, "algo.kl_coef=0", "optim.max_grad_norm=1e9", *extra)
+    use_sgd(state, lr=0.5)
+    state.engine = state.collector.engine = _ShiftedEngine(state.engine, shift)
+    return state
+
+
+def test_the_sampler_trainer_mismatch_is_logged_and_the_engine_gets_the_new_weights(setup) -> None:
+    state = shifted_state(setup, -math.log(3.0))
+    metrics = rl_step(state, prompts_for(setup, state))
+    # the trainer recomputed its log-probs (the engine's are not the training forward's)
+    assert metrics["mismatch/logprob_abs_mean"] == pytest.approx(math.log(3.0), abs=1e-4)
+    assert metrics["mismatch/logprob_abs_max"] == pytest.approx(math.log(3.0), abs=1e-4)
+    assert state.engine.synced == [state.policy]  # once, after the update
+    rl_step(state, prompts_for(setup, state))
+    assert len(state.engine.synced) == 2
+
+
+def test_an_engine_reusing_the_trainers_logprobs_logs_no_mismatch(setup) -> None:
+    state = make_state(setup)
+    assert "mismatch/logprob_abs_mean" not in rl_step(state, prompts_for(setup, state))
+
+
+@pytest.mark.parametrize(("threshold", "weight"), [(2.0, 2.0), (4.0, 3.0)])
+def test_truncated_rollout_correction_scales_the_policy_gradient(
+    setup, threshold: float, weight: float
+) -> None:
+    """The sampler's log-probs are log 3 below the trainer's, so pi_trainer / pi_sampler = 3 on
+    every token: truncated at ``threshold`` the loss of every token is ``weight`` times the plain
+    one, and so is the SGD step (the first update is on-policy: ratio 1, no clipping)."""
+    moved = []
+    for extra in ([], [f"algo.rollout_correction.threshold={threshold}"]):
+        state = shifted_state(setup, -math.log(3.0), *extra)
+        before = snapshot(state.policy)
+        metrics = rl_step(state, prompts_for(setup, state))
+        moved.append(deltas(state.policy, before))
+    assert metrics["correction/rollout_is_mean"] == pytest.approx(3.0, rel=1e-3)
+    assert metrics["correction/rollout_is_truncated_frac"] == (1.0 if threshold < 3 else 0.0)
+    for name, plain in moved[0].items():
+        torch.testing.assert_close(moved[1][name], weight * plain, atol=1e-6, rtol=1e-3)
+    assert any((d != 0).any() for d in moved[0].values())
+
+
+def test_masked_rollout_correction_drops_tokens_outside_the_bounds(setup) -> None:
+    state = shifted_state(setup, -math.log(3.0), "algo.rollout_correction.mode=mask")
+    before = snapshot(state.policy)
+    metrics = rl_step(state, prompts_for(setup, state))
+    assert metrics["correction/rollout_is_masked_frac"] == 1.0  # every ratio is 3 > 2
+    assert all((d == 0).all() for d in deltas(state.policy, before).values())
+    state = shifted_state(setup, -math.log(1.5), "algo.rollout_correction.mode=mask")
+    before = snapshot(state.policy)
+    assert rl_step(state, prompts_for(setup, state))["correction/rollout_is_masked_frac"] == 0.0
+    assert any((d != 0).any() for d in deltas(state.policy, before).values())
+
+
+def test_off_policy_sequence_mask_drops_negative_rows_that_drifted(setup) -> None:
+    """DeepSeek-V3.2's mask, by hand: row 0 drifted (mean log pi_sampler - log pi_theta = 1 > 0.5)
+    with a negative advantage: dropped; row 1 drifted with a positive one: kept; row 2 negative but
+    close to the sampler: kept."""
+    state = make_state(
+        setup, "algo.rollout_correction.mode=none", "algo.rollout_correction.sequence_mask_delta=0.5"
+    )
+    logprobs = torch.full((3, 2), -1.0)
+    micro = Batch(
+        input_ids=torch.zeros(3, 2, dtype=torch.long),
+        attention_mask=torch.ones(3, 2, dtype=torch.long),
+        loss_mask=torch.ones(3, 2),
+        rollout_logprobs=torch.tensor([[0.0, 0.0], [0.0, 0.0], [-1.2, -1.0]]),
+        token_rewards=torch.zeros(3, 2),
+        group_ids=torch.zeros(3, dtype=torch.long),
+        episode_ids=torch.arange(3),
+        segment_index=torch.zeros(3, dtype=torch.long),
+        ended=torch.ones(3, dtype=torch.bool),
+        advantages=torch.tensor([[-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0]]),
+    )
+    kept = corrected(state, torch.ones(3, 2), logprobs, micro)
+    assert kept.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (["algo.rollout_correction.lower=0.5"], "lower is the mask mode's bound"),
+        (["algo.rollout_correction.mode=none"], "corrects nothing"),
+        (["algo.rollout_correction.mode=mask", "algo.rollout_correction.lower=3"], "lower <= threshold"),
+        (["algo.rollout_correction.treshold=3"], "treshold"),
+        (["rollout.engine=vllm"], "rollout.engine: vllm is not installed"),
+        (["rollout.engine=sglang"], "rollout.engine"),
+    ],
+)
+def test_bad_scale_out_settings_fail_at_load(setup, setting: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_config(setup, *setting)

@@ -21,7 +21,8 @@ class Batch:
     (policy before the update), ``ref_logprobs``, ``values``, ``advantages``, ``returns``,
     ``loss_weights`` / ``value_weights`` (aggregation weights computed over a whole optimizer-step
     batch), ``teacher_logprobs`` (on-policy distillation: log-prob of each sampled token under the
-    row's teacher, 0 off the mask). Per row ``[batch]``: ``group_ids``, ``episode_ids``,
+    row's teacher, 0 off the mask), ``correction_weights`` (``algo.rollout_correction``: the
+    importance weight of the trainer's over the sampler's log-probs, times its keep mask). Per row ``[batch]``: ``group_ids``, ``episode_ids``,
     ``segment_index``, ``ended``, ``bootstrap_values`` (V after the row's last token, for sub-traces
     cut off mid-episode).
     """
@@ -44,6 +45,7 @@ class Batch:
     value_weights: Tensor | None = None
     bootstrap_values: Tensor | None = None
     teacher_logprobs: Tensor | None = None
+    correction_weights: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -66,6 +68,16 @@ class Batch:
             else:
                 picked[f.name] = value[index]
         return replace(self, **picked)
+
+    def weightless(self) -> Batch:
+        """These rows with zero aggregation weights: a forward/backward that moves nothing (a rank
+        with fewer micro-batches than another runs these, as collective forwards must match)."""
+        zero = {
+            name: torch.zeros_like(value)
+            for name in ("loss_weights", "value_weights")
+            if (value := getattr(self, name)) is not None
+        }
+        return replace(self, **zero)
 
 
 def collate_episodes(episodes: Sequence[Episode], pad_token_id: int) -> Batch:

@@ -164,6 +164,10 @@ class ActionForward:
         shared = share_prompts(input_ids, attention_mask, loss_mask) if share else None
         return cls(input_ids, attention_mask, row_first_actions(attention_mask, loss_mask), shared)
 
+    def unshared(self) -> ActionForward:
+        """The same micro-batch, every row run in full (one model call)."""
+        return ActionForward(self.input_ids, self.attention_mask, self.row_starts, None)
+
     def _from_row_starts(self, values: Tensor) -> Tensor:
         kept = torch.arange(values.shape[1], device=values.device).unsqueeze(0) >= self.row_starts.unsqueeze(
             1

@@ -31,6 +31,7 @@ from posttrain.train.config_input import (
     parse_overrides,
     read_yaml_file,
 )
+from posttrain.train.config_scale import RolloutCorrectionConfig
 from posttrain.train.hyperparameters import check_hyperparameters
 
 
@@ -282,6 +283,11 @@ class RolloutConfig(Section):
         default_factory=list,
         description="stop strings ending a completion (or a turn, besides the environment's own)",
     )
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf: transformers generate on the policy itself; vllm: a vLLM engine (pip install "
+        "posttrain[vllm], or scripts/vllm_venv.sh on CPU) that receives the weights after every update",
+    )
     reuse_logprobs: bool = Field(
         True,
         description="use the engine's log-probs as old_logprobs when they match the training forward "
@@ -478,6 +484,11 @@ class AlgorithmOverrides(Section):
     aggregation: str | None = None
     dynamic_sampling: bool | None = None
     overlong_shaping: bool | None = None
+    rollout_correction: RolloutCorrectionConfig | None = Field(
+        None,
+        description="importance weights / masks for the sampler/trainer mismatch and stale rollouts; "
+        "None = off (docs/scaling.md)",
+    )
 
 
 class OptimConfig(Section):
@@ -621,6 +632,14 @@ class TrainConfig(Section):
                 "several samples per prompt); got 1"
             )
         self._check_env()
+        if self.rollout.engine == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ValueError(
+                    "rollout.engine: vllm is not installed in this Python; pip install 'posttrain[vllm]' "
+                    "(GPU), or build the CPU engine's venv with scripts/vllm_venv.sh and run from it"
+                )
         self._resolve_batch_size()
         rows = self.rollout.prompts_per_step * self.rollout.group_size
         if self.optim.num_mini_batches > rows:
@@ -763,7 +782,8 @@ class TrainConfig(Section):
         """The algorithm preset with this config's overrides applied."""
         import posttrain.algorithms  # noqa: F401  (registers every function)
 
-        overrides = {k: v for k, v in self.algo.model_dump().items() if v is not None}
+        algo = self.algo.model_dump(exclude={"rollout_correction"})  # a setting of the step, not the preset
+        overrides = {k: v for k, v in algo.items() if v is not None}
         preset = get_preset(self.algorithm).with_overrides(**overrides)
         if preset.advantage == "reverse_kl":  # the teacher signal's discount is one setting
             preset = preset.with_overrides(advantage_kwargs={"gamma": self.distill.discount})

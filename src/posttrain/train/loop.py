@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
 import shlex
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from posttrain.data.tasks import Task
 from posttrain.models.load import save_policy
@@ -28,6 +32,7 @@ from posttrain.train.config import ConfigError, TrainConfig, load_config
 from posttrain.train.evaluate import evaluate
 from posttrain.train.interrupt import StopRequest, TrainingInterrupted, stop_on_signals
 from posttrain.train.logging import CONFIG_FILE, RunLogger, TrainProgress, read_metrics
+from posttrain.train.roles import Ranks, SavedOptimizer
 from posttrain.train.run_folder import IDENTITY, RunLock, check_resume_settings, claim_fresh_run, run_contents
 from posttrain.train.setup import build_state, build_task, embedded_model_path, seed_everything
 from posttrain.train.step import TrainState, rl_step, sampling_params
@@ -73,51 +78,58 @@ def _run_eval(state: TrainState, task: Task) -> dict[str, Any]:
     return evaluate(state.collector, task.test[: cfg.eval.num_prompts], params, seed=cfg.run.seed)
 
 
-def _checkpoint(state: TrainState, run_dir: Path, model_path: Path) -> Path:
+def _checkpoint(state: TrainState, run_dir: Path, model_path: Path) -> Path | None:
+    """Save a checkpoint (rank 0 writes what every rank gathered); None on the other ranks."""
     cfg = state.config
-    optimizers, schedulers = _optimizers_and_schedulers(state)
-    trainable = {k: v.detach() for k, v in state.policy.named_parameters() if v.requires_grad}
-    extra = {"policy_trainable": trainable} if cfg.model.lora else None
-    trainer_state = {
-        "step": state.step,
-        "data_position": state.data_position,
-        "model_path": str(model_path),
-        "kl_controller": state.kl_controller.state_dict() if state.kl_controller else None,
-    }
-    return save_checkpoint(
-        run_dir,
-        state.step,
-        policy=state.policy,
-        tokenizer=state.tokenizer,
-        critic=state.critic,
-        optimizers=optimizers,
-        schedulers=schedulers,
-        trainer_state=trainer_state,
-        keep_last=cfg.logging.keep_last,
-        save_policy=lambda out: save_policy(state.policy, state.tokenizer, out),
-        extra_tensors=extra,
-    )
+    optimizers, schedulers = _optimizers_and_schedulers(state, gather=True)
+    policy = state.actor.full_module()
+    critic = state.critic.full_module() if state.critic is not None else None
+    path = None
+    if state.ranks.is_main:
+        trainable = {k: v.detach() for k, v in policy.named_parameters() if v.requires_grad}
+        extra = {"policy_trainable": trainable} if cfg.model.lora else None
+        trainer_state = {
+            "step": state.step,
+            "data_position": state.data_position,
+            "model_path": str(model_path),
+            "kl_controller": state.kl_controller.state_dict() if state.kl_controller else None,
+        }
+        path = save_checkpoint(
+            run_dir,
+            state.step,
+            policy=policy,
+            tokenizer=state.tokenizer,
+            critic=critic,
+            optimizers=optimizers,
+            schedulers=schedulers,
+            trainer_state=trainer_state,
+            keep_last=cfg.logging.keep_last,
+            save_policy=lambda out: save_policy(policy, state.tokenizer, out),
+            extra_tensors=extra,
+        )
+    state.ranks.barrier()
+    return path
 
 
-def _optimizers_and_schedulers(state: TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
-    optimizers: dict[str, Any] = {"policy": state.policy_optimizer}
-    schedulers: dict[str, Any] = {"policy": state.policy_scheduler}
-    if state.critic_optimizer is not None:
-        optimizers["critic"] = state.critic_optimizer
-        schedulers["critic"] = state.critic_scheduler
+def _optimizers_and_schedulers(state: TrainState, *, gather: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    optimizers: dict[str, Any] = {"policy": SavedOptimizer(state.actor, gather=gather)}
+    schedulers: dict[str, Any] = {"policy": state.actor.scheduler}
+    if state.critic is not None:
+        optimizers["critic"] = SavedOptimizer(state.critic, gather=gather)
+        schedulers["critic"] = state.critic.scheduler
     return optimizers, schedulers
 
 
 def _restore(state: TrainState, checkpoint: Path) -> None:
-    optimizers, schedulers = _optimizers_and_schedulers(state)
+    optimizers, schedulers = _optimizers_and_schedulers(state, gather=False)
     trainer_state = load_trainer_state(checkpoint, optimizers=optimizers, schedulers=schedulers)
     state.step = int(trainer_state["step"])
     state.data_position = int(trainer_state["data_position"])
     if state.kl_controller is not None and trainer_state.get("kl_controller"):
         state.kl_controller.load_state_dict(trainer_state["kl_controller"])
     if state.config.model.lora:
-        trainable = load_extra_tensors(checkpoint)["policy_trainable"]
-        state.policy.load_state_dict(trainable, strict=False)
+        state.actor.load_weights(load_extra_tensors(checkpoint)["policy_trainable"])
+    state.engine.sync_weights(state.policy)  # an engine with its own copy samples the restored weights
 
 
 def _logged_final_eval(run_dir: Path, step: int) -> dict[str, Any] | None:
@@ -135,25 +147,30 @@ def resume_command(cfg: TrainConfig, run_dir: Path) -> str:
 
 
 @run_warnings()  # each warning of the run printed once, and kept in the run folder
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
+def train(
+    config: TrainConfig, *, resume: bool = False, overwrite: bool = False, ranks: Ranks | None = None
+) -> TrainResult:
     """Run RL training as configured, in ``run.output_dir/run.name``.
 
     A folder that already holds a run is refused unless ``resume`` (continue it from its newest
     usable checkpoint, with the same settings but for ``optim.steps``, ``eval.*`` and ``logging.*``)
     or ``overwrite`` (delete it and start again). One process at a time trains in a folder. SIGINT /
     SIGTERM stop the run after the current step with a checkpoint: ``TrainingInterrupted``.
+    ``ranks``: the processes sharing the run (``scale.fsdp.init_distributed()`` under torchrun);
+    rank 0 alone writes the run folder.
     """
     if resume and overwrite:
         raise ValueError("resume continues the run in the folder and overwrite deletes it: pick one")
     cfg = config
+    ranks = ranks or Ranks()
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     # the handlers first: a Ctrl-C at any point of the run, its very start included, ends it cleanly
     with stop_on_signals() as stop:
         try:
-            with RunLock(run_dir):
-                return _train(cfg, run_dir, stop, resume=resume, overwrite=overwrite)
+            with RunLock(run_dir) if ranks.is_main else contextlib.nullcontext():
+                return _train(cfg, run_dir, stop, ranks, resume=resume, overwrite=overwrite)
         except TrainingInterrupted as interrupted:
             checkpoint = interrupted.checkpoint if not interrupted.at_once else latest_checkpoint(run_dir)
             interrupted.describe(
@@ -181,33 +198,61 @@ def _resume_point(cfg: TrainConfig, run_dir: Path) -> Path:
 
 
 def _train(
-    cfg: TrainConfig, run_dir: Path, stop: StopRequest, *, resume: bool, overwrite: bool
+    cfg: TrainConfig, run_dir: Path, stop: StopRequest, ranks: Ranks, *, resume: bool, overwrite: bool
 ) -> TrainResult:
     """``train`` inside the run folder's lock and the signal handlers."""
     checkpoint = _resume_point(cfg, run_dir) if resume else None
-    if checkpoint is None:
-        claim_fresh_run(run_dir, overwrite=overwrite)
-    record_warnings(run_dir, resume=checkpoint is not None)
+    if ranks.is_main:
+        if checkpoint is None:
+            claim_fresh_run(run_dir, overwrite=overwrite)
+        record_warnings(run_dir, resume=checkpoint is not None)
     check_config(cfg)
     seed_everything(cfg.run.seed)
     task = build_task(cfg)
-    model_path = Path(cfg.model.path) if cfg.model.path else embedded_model_path(cfg, task)
+    if cfg.model.path:
+        model_path = Path(cfg.model.path)
+    else:  # rank 0 builds (and caches) the embedded model; the others then load it
+        model_path = embedded_model_path(cfg, task) if ranks.is_main else Path()
+        ranks.barrier()
+        if not ranks.is_main:
+            model_path = embedded_model_path(cfg, task)
 
     # a resumed full fine-tune continues from the checkpoint's weights; the reference stays the original
     policy_path = checkpoint / "policy" if checkpoint is not None and not cfg.model.lora else model_path
     critic_path = (
         checkpoint / "critic" if checkpoint is not None and (checkpoint / "critic").is_dir() else None
     )
-    state = build_state(cfg, task, model_path, policy_path=policy_path, critic_path=critic_path)
+    state = ranks.place(build_state(cfg, task, model_path, policy_path=policy_path, critic_path=critic_path))
     if checkpoint is not None:
         _restore(state, checkpoint)
     check_context(state, task)
 
     # a resume cuts the logs back to the checkpoint it starts from (an older one if newer are damaged)
     resume_step = checkpoint_step(checkpoint) if checkpoint is not None else None
-    logger = RunLogger(
-        run_dir, tensorboard=cfg.logging.tensorboard, resume=checkpoint is not None, resume_step=resume_step
-    )
+    with contextlib.ExitStack() as stack:
+        if ranks.is_main:
+            logger = RunLogger(
+                run_dir,
+                tensorboard=cfg.logging.tensorboard,
+                resume=checkpoint is not None,
+                resume_step=resume_step,
+            )
+        else:  # the other ranks compute the same metrics; their logs go nowhere
+            logger = RunLogger(Path(stack.enter_context(tempfile.TemporaryDirectory())), tensorboard=False)
+        return _train_logged(cfg, run_dir, stop, state, task, logger, checkpoint, model_path)
+
+
+def _train_logged(
+    cfg: TrainConfig,
+    run_dir: Path,
+    stop: StopRequest,
+    state: TrainState,
+    task: Task,
+    logger: RunLogger,
+    checkpoint: Path | None,
+    model_path: Path,
+) -> TrainResult:
+    """Evaluate, train and evaluate again, logging to ``logger``."""
     with logger:
         logger.write_config(cfg.model_dump())
         initial: dict[str, Any] = {}
@@ -216,7 +261,7 @@ def _train(
             logger.log_metrics(0, {k: v for k, v in initial.items() if k != "samples"})
         start = time.perf_counter()
         saved = _rl_steps(state, task, logger, stop, run_dir, model_path)
-        if stop.requested:  # the step that was running finished: save it, then stop
+        if state.ranks.any_rank(stop.requested):  # the running step finished: save it, then stop
             interrupted = stop.interrupted(state.step)
             interrupted.checkpoint = saved or _checkpoint(state, run_dir, model_path)
             raise interrupted
@@ -233,6 +278,8 @@ def _train(
             last = _checkpoint(state, run_dir, model_path)
         else:
             last = checkpoint
+    if not state.ranks.is_main:
+        return TrainResult(run_dir, {}, {k: v for k, v in final.items() if k != "samples"})
     return _result(cfg, task, run_dir, initial, final, last, time.perf_counter() - start)
 
 
@@ -244,9 +291,14 @@ def _rl_steps(
     cfg = state.config
     watch = StepWatch(cfg)
     saved = None
-    with TrainProgress(cfg.optim.steps, enabled=cfg.logging.progress, start_step=state.step) as progress:
+    # one rank reports progress; the others compute the same numbers
+    console = None if state.ranks.is_main else Console(file=io.StringIO(), quiet=True)
+    with TrainProgress(
+        cfg.optim.steps, enabled=cfg.logging.progress, start_step=state.step, console=console
+    ) as progress:
         stop.defer()  # from here a signal lets the running step finish, and the loop saves and stops
-        while state.step < cfg.optim.steps and not stop.requested:
+        # every rank stops after the same step (a signal may reach only some of them)
+        while state.step < cfg.optim.steps and not state.ranks.any_rank(stop.requested):
             rows = rows_for_step(task.train, state.data_position, cfg.rollout.prompts_per_step, cfg.run.seed)
             state.data_position += len(rows)
             metrics = rl_step(state, rows)
@@ -323,7 +375,11 @@ def _run_folder(path: str | Path) -> Path:
 
 
 def resume_run(
-    run_dir: str | Path, overrides: list[str] | None = None, *, trust_run_code: bool = False
+    run_dir: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    trust_run_code: bool = False,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Continue the run in ``run_dir``, wherever it was moved, from its newest usable checkpoint,
     with its ``config.yaml`` and the ``overrides`` a resume allows. Code the config names (reward
@@ -343,4 +399,4 @@ def resume_run(
     config = load_config(config_file, overrides)
     # the folder given is the run, even when config.yaml still names where it was written
     config.run.output_dir, config.run.name = str(run_dir.parent), run_dir.name
-    return train(config, resume=True)
+    return train(config, resume=True, ranks=ranks)

@@ -30,12 +30,13 @@ from posttrain.models.tiny import TOKENIZER_VERSION, build_tiny_model
 from posttrain.rewards.functions import RewardSpec, resolve_reward_specs
 from posttrain.rollout.collector import Collector
 from posttrain.rollout.engine import RolloutEngine, SamplingParams
-from posttrain.rollout.hf import HFRolloutEngine
+from posttrain.rollout.factory import build_engine
 from posttrain.rollout.multi_turn import MultiTurnCollector, TurnLimits
 from posttrain.rollout.scripted import ScriptedEngine
 from posttrain.rollout.single_turn import SingleTurnCollector
 from posttrain.train.config import TrainConfig
 from posttrain.train.config_distill import teacher_folder
+from posttrain.train.roles import Actor, Critic
 from posttrain.train.step import TrainState
 from posttrain.train.warmstart import Demonstration, DemonstrationSource, warm_start
 from posttrain.train.watch import warn_once
@@ -388,7 +389,8 @@ def build_state(
     policy_scheduler = lr_scheduler(
         policy_optimizer, optim.lr_schedule, optim.warmup_steps, max(policy_steps, 1)
     )
-    critic_optimizer = critic_scheduler = None
+    critic_optimizer: torch.optim.Optimizer | None = None
+    critic_scheduler = None
     if critic is not None:
         critic_optimizer = adamw(list(critic.parameters()), lr=optim.critic_lr)
         critic_scheduler = lr_scheduler(critic_optimizer, optim.lr_schedule, optim.warmup_steps, optim.steps)
@@ -400,21 +402,17 @@ def build_state(
             else FixedKLController(preset.kl_coef)
         )
     teachers = build_teachers(cfg, task, tokenizer, dtype=next(policy.parameters()).dtype)
-    engine = HFRolloutEngine(policy, tokenizer)
+    engine = build_engine(cfg.rollout.engine, policy, tokenizer, model_path=model_path)
     return TrainState(
         config=cfg,
         preset=preset,
-        policy=policy,
+        actor=Actor(policy, policy_optimizer, policy_scheduler),
         tokenizer=tokenizer,
         engine=engine,
         collector=build_collector(cfg, task, engine, tokenizer),
         max_new_tokens=task.max_new_tokens,
-        policy_optimizer=policy_optimizer,
-        policy_scheduler=policy_scheduler,
         reference=reference,
-        critic=critic,
-        critic_optimizer=critic_optimizer,
-        critic_scheduler=critic_scheduler,
+        critic=Critic(critic, critic_optimizer, critic_scheduler) if critic is not None else None,
         kl_controller=kl_controller,
         teachers=teachers,
     )

@@ -1,10 +1,14 @@
 """One RL training step, top to bottom, as in the papers' pseudo-code.
 
     collect (rollout + rewards) -> (old, reference log-probs; values) -> (teacher log-probs)
-            -> KL-in-reward -> advantages (+ distill.coef x the teachers' reverse-KL advantage)
+            -> (rollout correction weights) -> KL-in-reward
+            -> advantages (+ distill.coef x the teachers' reverse-KL advantage)
             -> epochs x mini-batches of clipped-surrogate updates (+ KL loss, entropy, critic)
+            -> the rollout engine receives the new weights
 
-The same function runs PPO, GRPO, GSPO and every other preset: the preset only picks names.
+The same function runs PPO, GRPO, GSPO and every other preset: the preset only picks names. It
+talks to roles (``train/roles.py``: actor, critic, reference, engine, ranks) and to ``Batch``, so
+the same step runs in one process or sharded over several (``scale/``).
 """
 
 from __future__ import annotations
@@ -19,49 +23,57 @@ from typing import Any
 import torch
 
 from posttrain.algorithms.aggregate import aggregate, token_weights
+from posttrain.algorithms.corrections import off_policy_sequence_mask, rollout_correction
 from posttrain.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty
-from posttrain.algorithms.masked import masked_mean
+from posttrain.algorithms.masked import masked_max, masked_mean
 from posttrain.algorithms.presets import AlgorithmPreset
 from posttrain.algorithms.registry import ADVANTAGES, POLICY_LOSSES
 from posttrain.algorithms.shaping import dynamic_sampling_keep, overlong_penalty
 from posttrain.algorithms.value import clipped_value_loss, explained_variance
-from posttrain.data.batch import Batch, collate_episodes, micro_batches, mini_batches
+from posttrain.data.batch import Batch, collate_episodes, mini_batches
 from posttrain.data.trace import Episode
 from posttrain.distill.teachers import Teachers
+from posttrain.models.load import ReferencePolicy
 from posttrain.models.prefix import ActionForward, planned_micro_batches
 from posttrain.rollout.collector import Collector
 from posttrain.rollout.engine import RolloutEngine, SamplingParams
 from posttrain.train.config import TrainConfig
+from posttrain.train.roles import Actor, Critic, Ranks, weights_are_finite
 
 
 @dataclass
 class TrainState:
     """Everything a step reads and updates; built once by ``train.setup``.
 
-    ``collector`` turns a step's rows into scored episodes (single-turn or against an environment);
-    ``max_new_tokens`` is the budget of one completion (or one turn); ``last_samples`` holds the
-    readable samples of the latest rollout for samples.jsonl.
+    The roles: ``actor`` (the policy, its optimizer and schedule), ``critic`` (PPO's value model),
+    ``reference`` (frozen pi_ref for the KL), ``engine`` (samples completions; receives the
+    actor's weights after every update), ``ranks`` (the processes sharing the step).
+    ``collector`` turns a step's rows into scored episodes (single-turn or against an environment)
+    with the engine; ``max_new_tokens`` is the budget of one completion (or one turn);
+    ``last_samples`` holds the readable samples of the latest rollout for samples.jsonl.
     """
 
     config: TrainConfig
     preset: AlgorithmPreset
-    policy: torch.nn.Module
+    actor: Actor
     tokenizer: Any
     engine: RolloutEngine
     collector: Collector
     max_new_tokens: int
-    policy_optimizer: torch.optim.Optimizer
-    policy_scheduler: Any
-    reference: Any | None = None
-    critic: torch.nn.Module | None = None
-    critic_optimizer: torch.optim.Optimizer | None = None
-    critic_scheduler: Any | None = None
+    reference: ReferencePolicy | None = None
+    critic: Critic | None = None
+    ranks: Ranks = field(default_factory=Ranks)
     kl_controller: FixedKLController | AdaptiveKLController | None = None
     teachers: Teachers | None = None  # on-policy distillation (distill.teachers)
     step: int = 0
     data_position: int = 0
     last_samples: list[dict[str, Any]] = field(default_factory=list)
     nonfinite_steps: int = 0  # consecutive RL steps whose every update was skipped
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The policy module (the actor's)."""
+        return self.actor.module
 
 
 class NonFiniteError(RuntimeError):
@@ -114,15 +126,27 @@ def shape_rewards(state: TrainState, episodes: list[Episode]) -> tuple[list[Epis
     return episodes, metrics
 
 
+def reuses_sampler_logprobs(state: TrainState) -> bool:
+    """True when the engine's log-probs serve as old_logprobs: they come from the training forward
+    on the current weights (the HF engine: ``logprobs_match_policy``), ``rollout.reuse_logprobs``
+    is on, and no rollout correction needs the trainer's own to compare."""
+    cfg = state.config
+    return (
+        cfg.rollout.reuse_logprobs
+        and getattr(state.engine, "logprobs_match_policy", False)
+        and cfg.algo.rollout_correction is None
+    )
+
+
 @torch.no_grad()
-def fill_old_ref_values(state: TrainState, batch: Batch, temperature: float) -> None:
+def fill_old_ref_values(state: TrainState, batch: Batch, temperature: float) -> dict[str, float]:
     """old_logprobs (policy before the update), ref_logprobs (for KL) and values (critic).
 
-    An engine whose log-probs come from the training forward on the current weights (the HF
-    engine: ``logprobs_match_policy``) already gave the old log-probs; they are reused unless
-    ``rollout.reuse_logprobs`` is off, saving one policy forward pass per step.
+    Reusing the engine's log-probs (``reuses_sampler_logprobs``) saves one policy forward pass per
+    step. When the trainer computes its own, the sampler/trainer mismatch
+    |log pi_sampler - log pi_trainer| over the trainable tokens is returned as metrics.
     """
-    reuse = state.config.rollout.reuse_logprobs and getattr(state.engine, "logprobs_match_policy", False)
+    reuse = reuses_sampler_logprobs(state)
     optim = state.config.optim
     old = None if reuse else torch.zeros_like(batch.loss_mask)
     ref = torch.zeros_like(batch.loss_mask) if state.reference is not None else None
@@ -130,14 +154,42 @@ def fill_old_ref_values(state: TrainState, batch: Batch, temperature: float) -> 
     for rows, plan in planned_micro_batches(batch, optim.micro_batch_size, share=optim.share_prompts):
         width = plan.input_ids.shape[1]
         if old is not None:
-            old[rows, :width] = plan.logprobs(state.policy, temperature=temperature)[0]
+            old[rows, :width] = state.actor.logprobs(plan, temperature=temperature)[0]
         if ref is not None and state.reference is not None:
             ref[rows, :width] = state.reference.logprobs(plan, temperature=temperature)
         if values is not None and state.critic is not None:
-            values[rows, :width] = state.critic(plan.input_ids, plan.attention_mask, shared=plan.shared)
+            values[rows, :width] = state.critic.values(plan)
     batch.old_logprobs = (batch.rollout_logprobs if old is None else old) * batch.loss_mask
     batch.ref_logprobs = ref
     batch.values = values * batch.loss_mask if values is not None else None
+    if old is None:
+        return {}
+    gap = (batch.old_logprobs - batch.rollout_logprobs).abs() * batch.loss_mask
+    return {
+        "mismatch/logprob_abs_mean": float(masked_mean(gap, batch.loss_mask)),
+        "mismatch/logprob_abs_max": float(masked_max(gap, batch.loss_mask)),
+    }
+
+
+def correction_weights(state: TrainState, batch: Batch) -> dict[str, float]:
+    """``algo.rollout_correction``: per-token importance weights of the trainer's log-probs (before
+    the update) over the sampler's, times their keep mask, into ``batch.correction_weights``; the
+    policy loss of each token is multiplied by them (Yao et al. 2025, truncated / masked IS)."""
+    correction = state.config.algo.rollout_correction
+    if correction is None or correction.mode == "none":
+        return {}
+    assert batch.old_logprobs is not None
+    weights, keep, metrics = rollout_correction(
+        batch.old_logprobs,
+        batch.rollout_logprobs,
+        batch.loss_mask,
+        level=correction.level,
+        mode=correction.mode,
+        threshold=correction.threshold,
+        lower=correction.lower,
+    )
+    batch.correction_weights = weights * keep
+    return {f"correction/{name}": float(value) for name, value in metrics.items()}
 
 
 @torch.no_grad()
@@ -212,13 +264,13 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
     # dynamic sampling may leave fewer episodes than the configured number of mini-batches
     num_mini_batches = min(cfg.optim.num_mini_batches, int(torch.unique(batch.episode_ids).numel()))
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     seconds = {"time/forward_backward": 0.0, "time/optimizer": 0.0}
-    num_micro = num_steps = skipped = 0
-    # dropout stays off (eval mode; gradients still flow): a random mask per forward pass would make
-    # even the first update off-policy (ratio != 1 against the sampler's log-probs)
-    state.policy.eval()
+    num_steps = skipped = 0
+    # dropout off: a random mask per forward pass would make even the first update off-policy
+    state.actor.dropout_off()
     if state.critic is not None:
-        state.critic.eval()
+        state.critic.dropout_off()
     for _epoch in range(cfg.optim.epochs):
         for rows in mini_batches(batch.episode_ids, num_mini_batches, generator):
             mini = batch.select(rows)
@@ -231,23 +283,25 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
             # the critic regresses every token equally, whatever the policy's aggregation
             mini.value_weights = token_weights(mini.loss_mask, "token-mean")
             started = time.perf_counter()
-            for micro_rows in micro_batches(mini.attention_mask, cfg.optim.micro_batch_size):
-                micro = mini.select(micro_rows)
+            # each rank trains its share of the rows; the weights above span the whole mini-batch
+            for micro_rows in state.ranks.micro_batches(mini.attention_mask, cfg.optim.micro_batch_size):
+                micro = mini.select(micro_rows) if micro_rows is not None else mini.select([0]).weightless()
                 metrics = _micro_batch_backward(state, micro, temperature, train_policy, kl_in_loss)
-                for key, value in metrics.items():
+                for key, value in metrics.items() if micro_rows is not None else ():
                     sums[key] = sums.get(key, 0.0) + value
-                num_micro += 1
+                    counts[key] = counts.get(key, 0) + (key not in _PER_OPTIMIZER_STEP)
             backward_done = time.perf_counter()
             grad_norm = _optimizer_step(state, train_policy)
             seconds["time/forward_backward"] += backward_done - started
             seconds["time/optimizer"] += time.perf_counter() - backward_done
             if math.isfinite(grad_norm):
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm / state.ranks.world_size
                 num_steps += 1
             else:
                 skipped += 1
+    sums, counts = state.ranks.sum_metrics(sums, counts)
     metrics = {
-        key: value / (max(num_steps, 1) if key in _PER_OPTIMIZER_STEP else max(num_micro, 1))
+        key: value / (max(num_steps, 1) if key in _PER_OPTIMIZER_STEP else max(counts[key], 1))
         for key, value in sums.items()
         if math.isfinite(value)  # a skipped update's NaN loss is reported as skipped, not averaged in
     }
@@ -269,8 +323,8 @@ def _micro_batch_backward(
     )
     if train_policy:
         want_entropy = cfg.optim.entropy_coef > 0
-        logprobs, entropy = plan.logprobs(
-            state.policy,
+        logprobs, entropy = state.actor.logprobs(
+            plan,
             temperature=temperature,
             with_entropy=True,
             entropy_grad=want_entropy,  # otherwise a metric only
@@ -286,6 +340,7 @@ def _micro_batch_backward(
             },
             preset.loss_kwargs,
         )
+        per_token = corrected(state, per_token, logprobs, micro)
         loss = aggregate(per_token, micro.loss_weights)
         metrics.update({k: float(v) for k, v in loss_metrics.items()})
         metrics["policy_loss"] = loss.item()
@@ -297,10 +352,10 @@ def _micro_batch_backward(
             loss = loss + state.kl_controller.coef * aggregate(kl, micro.loss_weights)
         if want_entropy:
             loss = loss - cfg.optim.entropy_coef * aggregate(entropy, micro.loss_weights)
-        loss.backward()
+        state.actor.backward(loss)
     if state.critic is not None:
         assert micro.values is not None and micro.returns is not None
-        new_values = state.critic(micro.input_ids, micro.attention_mask, shared=plan.shared)
+        new_values = state.critic.values(plan)
         per_token_v, v_metrics = clipped_value_loss(
             new_values,
             micro.values,
@@ -309,10 +364,33 @@ def _micro_batch_backward(
             cliprange_value=cfg.optim.cliprange_value,
         )
         v_loss = cfg.optim.vf_coef * aggregate(per_token_v, micro.value_weights)
-        v_loss.backward()
+        state.critic.backward(v_loss)
         metrics["value_loss"] = v_loss.item() / cfg.optim.vf_coef if cfg.optim.vf_coef else 0.0
         metrics.update({k: float(v) for k, v in v_metrics.items()})
     return metrics
+
+
+def corrected(
+    state: TrainState, per_token: torch.Tensor, logprobs: torch.Tensor, micro: Batch
+) -> torch.Tensor:
+    """The per-token policy loss ``[batch, time]`` times ``algo.rollout_correction``'s importance
+    weights, and its DeepSeek-V3.2 off-policy sequence mask (against the sampler's log-probs)."""
+    correction = state.config.algo.rollout_correction
+    if correction is None:
+        return per_token
+    if micro.correction_weights is not None:
+        per_token = per_token * micro.correction_weights
+    if correction.sequence_mask_delta is not None:
+        assert micro.advantages is not None
+        keep = off_policy_sequence_mask(
+            logprobs.detach(),
+            micro.rollout_logprobs,
+            micro.advantages,
+            micro.loss_mask,
+            delta=correction.sequence_mask_delta,
+        )
+        per_token = per_token * keep
+    return per_token
 
 
 def _optimizer_step(state: TrainState, train_policy: bool) -> float:
@@ -320,36 +398,18 @@ def _optimizer_step(state: TrainState, train_policy: bool) -> float:
     gradient is NaN/inf (policy or critic), no parameter moves: the gradients are dropped and the
     norm returned is not finite, so the caller counts a skipped update."""
     max_norm = state.config.optim.max_grad_norm
-    grad_norm = 0.0
-    critic_norm = 0.0
-    params = [p for p in state.policy.parameters() if p.requires_grad] if train_policy else []
-    if train_policy:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    if state.critic is not None and state.critic_optimizer is not None:
-        critic_norm = float(torch.nn.utils.clip_grad_norm_(state.critic.parameters(), max_norm))
+    grad_norm = state.actor.clip_grad_norm(max_norm) if train_policy else 0.0
+    critic_norm = state.critic.clip_grad_norm(max_norm) if state.critic is not None else 0.0
     finite = math.isfinite(grad_norm) and math.isfinite(critic_norm)
-    if finite and train_policy:
-        state.policy_optimizer.step()
-    state.policy_optimizer.zero_grad(set_to_none=True)
-    if state.critic is not None and state.critic_optimizer is not None:
-        if finite:
-            state.critic_optimizer.step()
-        state.critic_optimizer.zero_grad(set_to_none=True)
+    state.actor.apply_gradients(finite and train_policy)
+    if state.critic is not None:
+        state.critic.apply_gradients(finite)
     return grad_norm if finite else math.nan
 
 
-def weights_are_finite(*modules: torch.nn.Module | None) -> bool:
-    """True when every parameter of ``modules`` is finite (None entries are skipped).
-
-    One sum per parameter: NaN or inf anywhere makes it non-finite, at a tenth of the cost of an
-    elementwise ``isfinite`` (a sum of finite weights overflowing float32 is itself a broken run).
-    """
-    sums = [p.detach().sum() for module in modules if module is not None for p in module.parameters()]
-    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
-
-
 def _check_weights(state: TrainState) -> None:
-    if not weights_are_finite(state.policy, state.critic):
+    critic = state.critic.module if state.critic is not None else None
+    if not state.ranks.all_finite(weights_are_finite(state.actor.module, critic)):
         raise NonFiniteError(
             f"the weights are NaN/inf at RL step {state.step + 1}; nothing is saved from them. "
             f"Lower optim.lr (now {state.config.optim.lr:g}) or optim.max_grad_norm and resume from "
@@ -377,7 +437,7 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
     cfg = state.config
     seed = cfg.run.seed * 1_000_003 + state.step
     t0 = time.perf_counter()
-    state.policy.eval()
+    state.actor.dropout_off()  # old log-probs and the update see the sampler's network
     params = sampling_params(cfg, max_new_tokens=state.max_new_tokens)
     _check_weights(state)
     try:
@@ -395,8 +455,9 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
     episodes, shaping_metrics = shape_rewards(state, rollout.episodes)
     metrics.update(shaping_metrics)
     batch = collate_episodes(episodes, state.tokenizer.pad_token_id)
-    fill_old_ref_values(state, batch, logprob_temperature(cfg))
+    metrics.update(fill_old_ref_values(state, batch, logprob_temperature(cfg)))
     metrics.update(fill_teacher_logprobs(state, batch, rows, logprob_temperature(cfg)))
+    metrics.update(correction_weights(state, batch))
     t2 = time.perf_counter()
     metrics.update(compute_advantages(state, batch))
     t3 = time.perf_counter()
@@ -404,15 +465,17 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
     metrics.update(update(state, batch, seed))
     t4 = time.perf_counter()
     _check_finite(state, metrics)
+    state.engine.sync_weights(state.actor.module)  # the next rollout samples from the new weights
+    t5 = time.perf_counter()
     with warnings.catch_warnings():
         # the schedule follows RL steps, also through a step whose every update was skipped
         warnings.filterwarnings(
             "ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning
         )
-        if policy_trained and state.policy_scheduler is not None:  # starts when the policy does
-            state.policy_scheduler.step()
-        if state.critic_scheduler is not None:
-            state.critic_scheduler.step()
+        if policy_trained:  # the policy's schedule starts when the policy does
+            state.actor.advance_schedule()
+        if state.critic is not None:
+            state.critic.advance_schedule()
     if state.kl_controller is not None and "kl" in metrics:
         state.kl_controller.update(metrics["kl"], n_steps=len(episodes))
         metrics["kl_coef"] = state.kl_controller.coef
@@ -429,10 +492,11 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
             "time/logprobs": t2 - t1,  # collate + old / reference / teacher log-probs + values
             "time/advantages": t3 - t2,
             "time/train": t4 - t3,  # time/forward_backward + time/optimizer + metric bookkeeping
-            "time/step": t4 - t0,
-            "tokens_per_s": generated / max(t4 - t0, 1e-9),
+            "time/sync": t5 - t4,  # the finiteness check and the engine's weight update
+            "time/step": t5 - t0,
+            "tokens_per_s": generated / max(t5 - t0, 1e-9),
             "sampled_tokens": float(generated),
-            "lr": state.policy_optimizer.param_groups[0]["lr"],
+            "lr": state.actor.lr,
         }
     )
     state.step += 1
