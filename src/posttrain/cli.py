@@ -177,6 +177,8 @@ def _train(args: argparse.Namespace) -> int:
     from posttrain.train.config import load_config
 
     _check_train_flags(args)
+    if args.ray:
+        args.set = [*args.set, "scale.ray=true"]
     # the trainer imports in seconds: a bad config is reported before that
     config = None if args.resume else load_config(args.config, args.set)
     if config is not None and args.print_config:
@@ -197,6 +199,10 @@ def _train(args: argparse.Namespace) -> int:
     ranks = init_distributed() if world_size_from_env() > 1 else None  # under torchrun
     if config is None:
         result = resume_run(args.resume, args.set, trust_run_code=args.trust_run_code, ranks=ranks)
+    elif config.scale.ray:  # the trainer is a Ray task too, beside the rollout workers
+        from posttrain.scale.ray import run_training_on_ray
+
+        result = run_training_on_ray(config, address=config.scale.ray_address, overwrite=args.overwrite)
     else:
         result = train(config, overwrite=args.overwrite, ranks=ranks)
     if ranks is not None and not ranks.is_main:
@@ -337,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="train in N processes on this machine (torchrun; FSDP2 shards the policy and critic; "
         "gloo on CPU, NCCL on GPUs)",
+    )
+    train.add_argument(
+        "--ray",
+        action="store_true",
+        help="sample on Ray rollout workers and train in a Ray task (--set scale.ray=true; "
+        "scale.rollout_workers, scale.max_policy_lag, scale.ray_address)",
     )
     train.add_argument(
         "--print-config",

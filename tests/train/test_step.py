@@ -901,6 +901,10 @@ def test_off_policy_sequence_mask_drops_negative_rows_that_drifted(setup) -> Non
         (["algo.rollout_correction.treshold=3"], "treshold"),
         (["rollout.engine=vllm"], "rollout.engine: vllm is not installed"),
         (["rollout.engine=sglang"], "rollout.engine"),
+        (["scale.max_policy_lag=1"], "max_policy_lag applies to Ray rollout workers"),
+        (["scale.rollout_workers=2"], "rollout_workers applies to Ray"),
+        (["scale.ray=true", "scale.max_policy_lag=-1"], "max_policy_lag"),
+        (["scale.ray=true", "scale.max_policy_lag=1", "data.task=key_chain"], "single-turn only"),
     ],
 )
 def test_bad_scale_out_settings_fail_at_load(setup, setting: list[str], message: str) -> None:

@@ -31,7 +31,7 @@ from posttrain.train.config_input import (
     parse_overrides,
     read_yaml_file,
 )
-from posttrain.train.config_scale import RolloutCorrectionConfig
+from posttrain.train.config_scale import RolloutCorrectionConfig, ScaleConfig
 from posttrain.train.hyperparameters import check_hyperparameters
 
 
@@ -588,6 +588,7 @@ class TrainConfig(Section):
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
     distill: DistillConfig = DistillConfig()
+    scale: ScaleConfig = ScaleConfig()
 
     @field_validator("algorithm")
     @classmethod
@@ -632,14 +633,7 @@ class TrainConfig(Section):
                 "several samples per prompt); got 1"
             )
         self._check_env()
-        if self.rollout.engine == "vllm":
-            import importlib.util
-
-            if importlib.util.find_spec("vllm") is None:
-                raise ValueError(
-                    "rollout.engine: vllm is not installed in this Python; pip install 'posttrain[vllm]' "
-                    "(GPU), or build the CPU engine's venv with scripts/vllm_venv.sh and run from it"
-                )
+        self._check_scale()
         self._resolve_batch_size()
         rows = self.rollout.prompts_per_step * self.rollout.group_size
         if self.optim.num_mini_batches > rows:
@@ -648,6 +642,32 @@ class TrainConfig(Section):
                 f"(rollout.prompts_per_step * rollout.group_size = {rows})"
             )
         return self
+
+    def _check_scale(self) -> None:
+        import importlib.util
+
+        if self.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError(
+                "rollout.engine: vllm is not installed in this Python; pip install 'posttrain[vllm]' "
+                "(GPU), or build the CPU engine's venv with scripts/vllm_venv.sh and run from it"
+            )
+        scale = self.scale
+        if not scale.ray:
+            return
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError(
+                "scale.ray: Ray is not installed in this Python; pip install 'posttrain[distributed]'"
+            )
+        if self.rollout.engine != "hf":
+            raise ValueError(
+                f"scale.ray runs HF-engine rollout workers; rollout.engine={self.rollout.engine} is not "
+                "available on them yet"
+            )
+        if scale.max_policy_lag > 0 and self.env_name() is not None:
+            raise ValueError(
+                "scale.max_policy_lag: asynchronous rollouts are single-turn only so far; set it to 0 for "
+                "agent (multi-turn) runs"
+            )
 
     def env_name(self) -> str | None:
         """The environment the run collects episodes from: ``env.name``, else the built-in task's

@@ -1,4 +1,5 @@
-"""Config sections for scaling out: the sampler/trainer correction (``algo.rollout_correction``).
+"""Config sections for scaling out: Ray rollout workers and asynchronous rollouts (``scale:``), the
+sampler/trainer correction (``algo.rollout_correction``).
 
 Kept apart from ``config.py`` (which imports it); the sections follow the same rules: unknown keys
 and non-finite numbers are refused, and every setting must act.
@@ -14,6 +15,36 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class Section(BaseModel):
     # as config.Section: unknown keys fail, assignments are validated, floats are finite
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class ScaleConfig(Section):
+    """Where rollouts run (docs/scaling.md). Several training processes: ``posttrain train --nproc N``."""
+
+    ray: bool = Field(
+        False,
+        description="sample on Ray actors (rollout workers with their own copy of the policy, given the "
+        "weights after every update) and train in a Ray task; posttrain train --ray",
+    )
+    ray_address: str | None = Field(
+        None, description="an existing Ray cluster (ray.init(address=...)); None = a local Ray session"
+    )
+    rollout_workers: int = Field(
+        1, ge=1, description="Ray rollout workers; each samples a share of the prompts"
+    )
+    max_policy_lag: int = Field(
+        0,
+        ge=0,
+        description="asynchronous rollouts: the next steps' rollouts are sampled while a step trains, "
+        "from weights at most this many updates old; 0 = synchronous",
+    )
+
+    @model_validator(mode="after")
+    def _needs_ray(self) -> ScaleConfig:
+        if not self.ray:
+            for name, default in (("ray_address", None), ("rollout_workers", 1), ("max_policy_lag", 0)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name} applies to Ray rollout workers; also set scale.ray=true")
+        return self
 
 
 class RolloutCorrectionConfig(Section):

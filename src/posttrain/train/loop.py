@@ -207,6 +207,10 @@ def _train(
             claim_fresh_run(run_dir, overwrite=overwrite)
         record_warnings(run_dir, resume=checkpoint is not None)
     check_config(cfg)
+    if ranks.world_size > 1 and cfg.scale.ray:
+        raise ConfigError(
+            "scale.ray with several training processes (--nproc / torchrun) is not supported yet"
+        )
     seed_everything(cfg.run.seed)
     task = build_task(cfg)
     if cfg.model.path:
@@ -223,23 +227,31 @@ def _train(
         checkpoint / "critic" if checkpoint is not None and (checkpoint / "critic").is_dir() else None
     )
     state = ranks.place(build_state(cfg, task, model_path, policy_path=policy_path, critic_path=critic_path))
-    if checkpoint is not None:
-        _restore(state, checkpoint)
-    check_context(state, task)
+    try:
+        if checkpoint is not None:
+            _restore(state, checkpoint)
+        check_context(state, task)
 
-    # a resume cuts the logs back to the checkpoint it starts from (an older one if newer are damaged)
-    resume_step = checkpoint_step(checkpoint) if checkpoint is not None else None
-    with contextlib.ExitStack() as stack:
-        if ranks.is_main:
-            logger = RunLogger(
-                run_dir,
-                tensorboard=cfg.logging.tensorboard,
-                resume=checkpoint is not None,
-                resume_step=resume_step,
-            )
-        else:  # the other ranks compute the same metrics; their logs go nowhere
-            logger = RunLogger(Path(stack.enter_context(tempfile.TemporaryDirectory())), tensorboard=False)
-        return _train_logged(cfg, run_dir, stop, state, task, logger, checkpoint, model_path)
+        # a resume cuts the logs back to the checkpoint it starts from (an older one if newer are damaged)
+        resume_step = checkpoint_step(checkpoint) if checkpoint is not None else None
+        with contextlib.ExitStack() as stack:
+            if ranks.is_main:
+                logger = RunLogger(
+                    run_dir,
+                    tensorboard=cfg.logging.tensorboard,
+                    resume=checkpoint is not None,
+                    resume_step=resume_step,
+                )
+            else:  # the other ranks compute the same metrics; their logs go nowhere
+                logger = RunLogger(
+                    Path(stack.enter_context(tempfile.TemporaryDirectory())), tensorboard=False
+                )
+            return _train_logged(cfg, run_dir, stop, state, task, logger, checkpoint, model_path)
+    finally:  # Ray workers and background rollout threads end with the run
+        for part in (state.collector, state.engine):
+            close = getattr(part, "close", None)
+            if callable(close):
+                close()
 
 
 def _train_logged(

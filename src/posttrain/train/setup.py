@@ -402,8 +402,8 @@ def build_state(
             else FixedKLController(preset.kl_coef)
         )
     teachers = build_teachers(cfg, task, tokenizer, dtype=next(policy.parameters()).dtype)
-    engine = build_engine(cfg.rollout.engine, policy, tokenizer, model_path=model_path)
-    return TrainState(
+    engine = _engine(cfg, policy, tokenizer, model_path)
+    state = TrainState(
         config=cfg,
         preset=preset,
         actor=Actor(policy, policy_optimizer, policy_scheduler),
@@ -415,4 +415,24 @@ def build_state(
         critic=Critic(critic, critic_optimizer, critic_scheduler) if critic is not None else None,
         kl_controller=kl_controller,
         teachers=teachers,
+    )
+    if cfg.scale.max_policy_lag > 0:
+        from posttrain.scale.asynchronous import make_asynchronous
+
+        make_asynchronous(state, task.train, max_policy_lag=cfg.scale.max_policy_lag)
+    return state
+
+
+def _engine(cfg: TrainConfig, policy: torch.nn.Module, tokenizer: Any, model_path: Path) -> RolloutEngine:
+    """The ``rollout.engine`` engine, in this process or on ``scale.ray`` workers."""
+    if not cfg.scale.ray:
+        return build_engine(cfg.rollout.engine, policy, tokenizer, model_path=model_path)
+    from posttrain.scale.ray import ray_engine  # Ray is optional
+
+    return ray_engine(
+        policy,
+        tokenizer,
+        model_path if Path(model_path).is_dir() else None,
+        num_workers=cfg.scale.rollout_workers,
+        address=cfg.scale.ray_address,
     )

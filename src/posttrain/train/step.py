@@ -432,10 +432,15 @@ def _check_finite(state: TrainState, metrics: dict[str, float]) -> None:
         )
 
 
+def step_seed(cfg: TrainConfig, step: int) -> int:
+    """The sampling seed of RL step ``step`` (0-based) of a run."""
+    return cfg.run.seed * 1_000_003 + step
+
+
 def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """One step of RL on ``rows`` (prompts). Returns the step's metrics."""
     cfg = state.config
-    seed = cfg.run.seed * 1_000_003 + state.step
+    seed = step_seed(cfg, state.step)
     t0 = time.perf_counter()
     state.actor.dropout_off()  # old log-probs and the update see the sampler's network
     params = sampling_params(cfg, max_new_tokens=state.max_new_tokens)
