@@ -264,6 +264,10 @@ class VLLMRolloutEngine:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
 
+# the GPU memory vLLM takes beside the trainer on one GPU (weights + KV cache); the rest is training's
+GPU_SHARE = 0.3
+
+
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -286,6 +290,11 @@ def build_vllm_engine(
 ) -> VLLMRolloutEngine:
     """The engine the ``rollout.engine: vllm`` config builds: vLLM on ``model_path``'s architecture,
     then the policy's current weights (resumed or LoRA-merged) pushed in once."""
+    dtype = next(policy.parameters()).dtype
+    names = {value: name for name, value in _DTYPES.items()}
+    engine_kwargs.setdefault("dtype", names.get(dtype, "float32"))  # sample in the trainer's precision
+    if not _on_cpu():  # one GPU shared with the trainer: vLLM's own default would take 90% of it
+        engine_kwargs.setdefault("gpu_memory_utilization", GPU_SHARE)
     engine = VLLMRolloutEngine(model_path, tokenizer, **engine_kwargs)
     engine.sync_weights(policy)
     return engine
