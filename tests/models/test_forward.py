@@ -12,8 +12,11 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from posttrain.models.forward import (
     position_ids_from_mask,
     predicted_token_mask,
+    prediction_logprobs,
+    sampling_support,
     shift_to_tokens,
     token_logprobs,
+    truncated_token_logprobs,
 )
 
 
@@ -170,3 +173,59 @@ def test_from_position_skips_prompt_logits_and_keeps_values_and_gradients(
     grad_part = torch.autograd.grad((part[:, from_position:] * weights).sum(), list(model.parameters()))
     for a, b in zip(grad_full, grad_part, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# --- the sampler's truncation (rollout.keep_sampling_mask) ---------------------------------------
+
+
+def test_truncated_logprob_by_hand() -> None:
+    logits = torch.tensor([[[0.0, 1.0, 2.0, 3.0]]])
+    keep = torch.tensor([[[3, 2, -1]]])
+    logprob, _ = prediction_logprobs(logits, torch.tensor([[3]]), keep_ids=keep)
+    assert logprob.item() == pytest.approx(3.0 - math.log(math.exp(3.0) + math.exp(2.0)))
+    # a target outside the kept set (a sampler whose set differs at the boundary) counts once
+    outside, _ = prediction_logprobs(logits, torch.tensor([[0]]), keep_ids=torch.tensor([[[3, -1]]]))
+    assert outside.item() == pytest.approx(0.0 - math.log(math.exp(3.0) + 1.0))
+    # keeping every token is the plain log-prob, at any temperature
+    every = torch.tensor([[[0, 1, 2, 3]]])
+    for temperature in (1.0, 0.7):
+        plain, _ = prediction_logprobs(logits, torch.tensor([[1]]), temperature=temperature)
+        kept, _ = prediction_logprobs(logits, torch.tensor([[1]]), temperature=temperature, keep_ids=every)
+        torch.testing.assert_close(kept, plain)
+
+
+@given(
+    st.integers(0, 2**31 - 1),
+    st.integers(0, 12),
+    st.sampled_from([1.0, 0.95, 0.7, 0.3, 0.01]),
+)
+def test_sampling_support_is_what_transformers_warpers_keep(seed: int, top_k: int, top_p: float) -> None:
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    scaled = torch.randn(3, 10, generator=torch.Generator().manual_seed(seed)) * 3
+    warped = scaled.clone()
+    if top_k:
+        warped = TopKLogitsWarper(top_k)(None, warped)
+    if top_p < 1:
+        warped = TopPLogitsWarper(top_p)(None, warped)
+    support = sampling_support(scaled, top_k=top_k, top_p=top_p)
+    for row in range(3):
+        expected = set(torch.nonzero(torch.isfinite(warped[row])).flatten().tolist())
+        assert {i for i in support[row].tolist() if i >= 0} == expected
+
+
+def test_truncated_token_logprobs_renormalise_the_kept_tokens(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    input_ids = torch.tensor([[1, 5, 9, 7, 3], [1, 4, 4, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        full, _ = token_logprobs(model, input_ids, mask, temperature=0.8)
+        truncated, keep_ids = truncated_token_logprobs(
+            model, input_ids, mask, temperature=0.8, top_k=3, top_p=1.0
+        )
+        again, _ = token_logprobs(model, input_ids, mask, temperature=0.8, keep_ids=keep_ids)
+    assert keep_ids.shape == (2, 5, 3) and (keep_ids[:, 0] == -1).all()
+    real = predicted_token_mask(mask)
+    assert (truncated[real] >= full[real] - 1e-6).all()  # a smaller normaliser
+    torch.testing.assert_close(again, truncated)  # the same truncation applied again
+    assert (truncated[~real] == 0).all()

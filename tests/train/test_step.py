@@ -26,7 +26,6 @@ from posttrain.train.setup import build_state, build_task, embedded_model_path, 
 from posttrain.train.step import (
     TrainState,
     compute_advantages,
-    corrected,
     fill_old_ref_values,
     logprob_temperature,
     rl_step,
@@ -868,30 +867,6 @@ def test_masked_rollout_correction_drops_tokens_outside_the_bounds(setup) -> Non
     assert any((d != 0).any() for d in deltas(state.policy, before).values())
 
 
-def test_off_policy_sequence_mask_drops_negative_rows_that_drifted(setup) -> None:
-    """DeepSeek-V3.2's mask, by hand: row 0 drifted (mean log pi_sampler - log pi_theta = 1 > 0.5)
-    with a negative advantage: dropped; row 1 drifted with a positive one: kept; row 2 negative but
-    close to the sampler: kept."""
-    state = make_state(
-        setup, "algo.rollout_correction.mode=none", "algo.rollout_correction.sequence_mask_delta=0.5"
-    )
-    logprobs = torch.full((3, 2), -1.0)
-    micro = Batch(
-        input_ids=torch.zeros(3, 2, dtype=torch.long),
-        attention_mask=torch.ones(3, 2, dtype=torch.long),
-        loss_mask=torch.ones(3, 2),
-        rollout_logprobs=torch.tensor([[0.0, 0.0], [0.0, 0.0], [-1.2, -1.0]]),
-        token_rewards=torch.zeros(3, 2),
-        group_ids=torch.zeros(3, dtype=torch.long),
-        episode_ids=torch.arange(3),
-        segment_index=torch.zeros(3, dtype=torch.long),
-        ended=torch.ones(3, dtype=torch.bool),
-        advantages=torch.tensor([[-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0]]),
-    )
-    kept = corrected(state, torch.ones(3, 2), logprobs, micro)
-    assert kept.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
-
-
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
@@ -908,5 +883,41 @@ def test_off_policy_sequence_mask_drops_negative_rows_that_drifted(setup) -> Non
     ],
 )
 def test_bad_scale_out_settings_fail_at_load(setup, setting: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_config(setup, *setting)
+
+
+def test_keep_sampling_mask_trains_on_the_truncated_distribution(setup) -> None:
+    """top_k=3: old log-probs are renormalised over the 3 tokens the sampler could draw (>= the
+    full ones), the first update sees ratio 1 (the new policy truncated the same way), and every
+    sampled token is among the kept ones."""
+    state = make_state(setup, "rollout.top_k=3", "rollout.keep_sampling_mask=true", "rollout.temperature=0.9")
+    batch = prepared_batch(state, prompts_for(setup, state))
+    mask = batch.loss_mask > 0
+    assert batch.keep_ids is not None and batch.keep_ids.shape[:2] == batch.input_ids.shape
+    assert (batch.keep_ids[mask] >= 0).sum(dim=-1).eq(3).all()
+    assert (batch.keep_ids[mask] == batch.input_ids[mask].unsqueeze(-1)).any(dim=-1).all()
+    assert (batch.old_logprobs[mask] >= batch.rollout_logprobs[mask] - 1e-5).all()
+    assert (batch.old_logprobs[mask] > batch.rollout_logprobs[mask] + 1e-4).any()
+    metrics = rl_step(state, prompts_for(setup, state))
+    assert metrics["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["ratio_min"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (["rollout.keep_sampling_mask=true"], "nothing is truncated"),
+        (
+            ["rollout.keep_sampling_mask=true", "rollout.top_p=0.9", "rollout.temperature=0"],
+            "nothing is truncated",
+        ),
+        (
+            ["rollout.keep_sampling_mask=true", "rollout.top_k=5", "algo.rollout_correction.mode=truncate"],
+            "full distribution",
+        ),
+    ],
+)
+def test_keep_sampling_mask_needs_a_truncation(setup, setting: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make_config(setup, *setting)

@@ -22,7 +22,9 @@ class Batch:
     ``loss_weights`` / ``value_weights`` (aggregation weights computed over a whole optimizer-step
     batch), ``teacher_logprobs`` (on-policy distillation: log-prob of each sampled token under the
     row's teacher, 0 off the mask), ``correction_weights`` (``algo.rollout_correction``: the
-    importance weight of the trainer's over the sampler's log-probs, times its keep mask). Per row ``[batch]``: ``group_ids``, ``episode_ids``,
+    importance weight of the trainer's over the sampler's log-probs, times its keep mask);
+    ``keep_ids`` ``[batch, time, K]`` (``rollout.keep_sampling_mask``: the tokens the top-k / top-p
+    sampler kept for each token's prediction, -1 padded). Per row ``[batch]``: ``group_ids``, ``episode_ids``,
     ``segment_index``, ``ended``, ``bootstrap_values`` (V after the row's last token, for sub-traces
     cut off mid-episode).
     """
@@ -46,6 +48,7 @@ class Batch:
     bootstrap_values: Tensor | None = None
     teacher_logprobs: Tensor | None = None
     correction_weights: Tensor | None = None
+    keep_ids: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -63,7 +66,7 @@ class Batch:
             value = getattr(self, f.name)
             if value is None:
                 picked[f.name] = None
-            elif value.dim() == 2:
+            elif value.dim() >= 2:
                 picked[f.name] = value[index, :width]
             else:
                 picked[f.name] = value[index]

@@ -24,6 +24,7 @@ from posttrain.models.forward import (
     position_ids_from_mask,
     prediction_logprobs,
     token_logprobs,
+    truncated_token_logprobs,
 )
 
 
@@ -168,6 +169,26 @@ class ActionForward:
         """The same micro-batch, every row run in full (one model call)."""
         return ActionForward(self.input_ids, self.attention_mask, self.row_starts, None)
 
+    def truncated_logprobs(
+        self, model: nn.Module, *, temperature: float, top_k: int, top_p: float
+    ) -> tuple[Tensor, Tensor]:
+        """``truncated_token_logprobs`` of ``model``: the log-probs ``[batch, time]`` (0 before each
+        row's first action) of the sampler's truncated distribution, and its kept ids
+        ``[batch, time, K]``."""
+        logprobs, keep_ids = truncated_token_logprobs(
+            model,
+            self.input_ids,
+            self.attention_mask,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            from_position=self._first_action(),
+        )
+        return self._from_row_starts(logprobs), keep_ids
+
+    def _first_action(self) -> int:
+        return int(self.row_starts.min()) if len(self.row_starts) else 0
+
     def _from_row_starts(self, values: Tensor) -> Tensor:
         kept = torch.arange(values.shape[1], device=values.device).unsqueeze(0) >= self.row_starts.unsqueeze(
             1
@@ -181,9 +202,12 @@ class ActionForward:
         temperature: float = 1.0,
         with_entropy: bool = False,
         entropy_grad: bool = True,
+        keep_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """``token_logprobs`` of ``model`` (``[batch, time]``, 0 before each row's first action)."""
-        if self.shared is None:
+        """``token_logprobs`` of ``model`` (``[batch, time]``, 0 before each row's first action);
+        with ``keep_ids`` ``[batch, time, K]``, of the distribution truncated to them (every row in
+        full: the kept sets are laid out by token)."""
+        if self.shared is None or keep_ids is not None:
             logprobs, entropy = token_logprobs(
                 model,
                 self.input_ids,
@@ -191,7 +215,8 @@ class ActionForward:
                 temperature=temperature,
                 with_entropy=with_entropy,
                 entropy_grad=entropy_grad,
-                from_position=int(self.row_starts.min()) if len(self.row_starts) else 0,
+                from_position=self._first_action(),
+                keep_ids=keep_ids,
             )
             return self._from_row_starts(logprobs), None if entropy is None else self._from_row_starts(
                 entropy

@@ -202,11 +202,16 @@ class ShardedActor(ShardedRole, Actor):
         temperature: float,
         with_entropy: bool = False,
         entropy_grad: bool = False,
+        keep_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         # one model call per micro-batch on every rank (prompt sharing would vary the count, and
         # every sharded forward is a collective)
         return super().logprobs(
-            plan.unshared(), temperature=temperature, with_entropy=with_entropy, entropy_grad=entropy_grad
+            plan.unshared(),
+            temperature=temperature,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+            keep_ids=keep_ids,
         )
 
 

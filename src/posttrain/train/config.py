@@ -288,6 +288,12 @@ class RolloutConfig(Section):
         description="hf: transformers generate on the policy itself; vllm: a vLLM engine (pip install "
         "posttrain[vllm], or scripts/vllm_venv.sh on CPU) that receives the weights after every update",
     )
+    keep_sampling_mask: bool = Field(
+        False,
+        description="train on the distribution the sampler drew from: the tokens top_k / top_p kept for "
+        "each prediction are found from the old policy's logits, and old and new log-probs are both "
+        "renormalised over them (DeepSeek-V3.2's keep sampling mask); needs top_k or top_p",
+    )
     reuse_logprobs: bool = Field(
         True,
         description="use the engine's log-probs as old_logprobs when they match the training forward "
@@ -651,6 +657,19 @@ class TrainConfig(Section):
                 "rollout.engine: vllm is not installed in this Python; pip install 'posttrain[vllm]' "
                 "(GPU), or build the CPU engine's venv with scripts/vllm_venv.sh and run from it"
             )
+        rollout = self.rollout
+        if rollout.keep_sampling_mask:
+            if rollout.temperature == 0 or (rollout.top_k == 0 and rollout.top_p == 1.0):
+                raise ValueError(
+                    "rollout.keep_sampling_mask applies the sampler's top_k / top_p truncation in training; "
+                    "with rollout.top_k=0, rollout.top_p=1 (or greedy) nothing is truncated: set one of them"
+                )
+            if self.algo.rollout_correction is not None and rollout.engine == "hf":
+                raise ValueError(
+                    "rollout.keep_sampling_mask with algo.rollout_correction: the HF engine's log-probs are "
+                    "of the full distribution, so the correction would compare truncated with untruncated "
+                    "probabilities; drop one of them"
+                )
         scale = self.scale
         if not scale.ray:
             return

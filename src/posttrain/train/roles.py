@@ -104,12 +104,25 @@ class Actor(TrainedRole):
         temperature: float,
         with_entropy: bool = False,
         entropy_grad: bool = False,
+        keep_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """log pi(token_t | tokens_<t) ``[batch, time]`` of ``plan``'s micro-batch, with gradients
-        unless called under ``torch.no_grad``; and the entropy ``[batch, time]`` when asked."""
+        unless called under ``torch.no_grad``; and the entropy ``[batch, time]`` when asked. With
+        ``keep_ids`` ``[batch, time, K]``, pi is truncated to the sampler's kept tokens."""
         return plan.logprobs(
-            self.module, temperature=temperature, with_entropy=with_entropy, entropy_grad=entropy_grad
+            self.module,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+            keep_ids=keep_ids,
         )
+
+    def truncated_logprobs(
+        self, plan: ActionForward, *, temperature: float, top_k: int, top_p: float
+    ) -> tuple[Tensor, Tensor]:
+        """The log-probs ``[batch, time]`` of the top-k / top-p truncated distribution the sampler
+        draws from, and its kept ids ``[batch, time, K]`` (no gradients wanted: old log-probs)."""
+        return plan.truncated_logprobs(self.module, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 class Critic(TrainedRole):

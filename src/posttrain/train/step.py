@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from posttrain.algorithms.aggregate import aggregate, token_weights
-from posttrain.algorithms.corrections import off_policy_sequence_mask, rollout_correction
 from posttrain.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from posttrain.algorithms.masked import masked_max, masked_mean
 from posttrain.algorithms.presets import AlgorithmPreset
@@ -38,6 +38,7 @@ from posttrain.models.prefix import ActionForward, planned_micro_batches
 from posttrain.rollout.collector import Collector
 from posttrain.rollout.engine import RolloutEngine, SamplingParams
 from posttrain.train.config import TrainConfig
+from posttrain.train.off_policy import corrected, correction_weights
 from posttrain.train.roles import Actor, Critic, Ranks, weights_are_finite
 
 
@@ -135,6 +136,7 @@ def reuses_sampler_logprobs(state: TrainState) -> bool:
         cfg.rollout.reuse_logprobs
         and getattr(state.engine, "logprobs_match_policy", False)
         and cfg.algo.rollout_correction is None
+        and not cfg.rollout.keep_sampling_mask  # the sampler's are of the full distribution
     )
 
 
@@ -147,19 +149,26 @@ def fill_old_ref_values(state: TrainState, batch: Batch, temperature: float) -> 
     |log pi_sampler - log pi_trainer| over the trainable tokens is returned as metrics.
     """
     reuse = reuses_sampler_logprobs(state)
-    optim = state.config.optim
+    optim, rollout = state.config.optim, state.config.rollout
     old = None if reuse else torch.zeros_like(batch.loss_mask)
     ref = torch.zeros_like(batch.loss_mask) if state.reference is not None else None
     values = torch.zeros_like(batch.loss_mask) if state.critic is not None else None
+    kept: list[tuple[Tensor, Tensor]] = []  # (rows, keep_ids) under rollout.keep_sampling_mask
     for rows, plan in planned_micro_batches(batch, optim.micro_batch_size, share=optim.share_prompts):
         width = plan.input_ids.shape[1]
-        if old is not None:
+        if old is not None and rollout.keep_sampling_mask:
+            old[rows, :width], keep_ids = state.actor.truncated_logprobs(
+                plan, temperature=temperature, top_k=rollout.top_k, top_p=rollout.top_p
+            )
+            kept.append((rows, keep_ids))
+        elif old is not None:
             old[rows, :width] = state.actor.logprobs(plan, temperature=temperature)[0]
         if ref is not None and state.reference is not None:
             ref[rows, :width] = state.reference.logprobs(plan, temperature=temperature)
         if values is not None and state.critic is not None:
             values[rows, :width] = state.critic.values(plan)
     batch.old_logprobs = (batch.rollout_logprobs if old is None else old) * batch.loss_mask
+    batch.keep_ids = _stack_keep_ids(kept, batch) if kept else None
     batch.ref_logprobs = ref
     batch.values = values * batch.loss_mask if values is not None else None
     if old is None:
@@ -171,25 +180,13 @@ def fill_old_ref_values(state: TrainState, batch: Batch, temperature: float) -> 
     }
 
 
-def correction_weights(state: TrainState, batch: Batch) -> dict[str, float]:
-    """``algo.rollout_correction``: per-token importance weights of the trainer's log-probs (before
-    the update) over the sampler's, times their keep mask, into ``batch.correction_weights``; the
-    policy loss of each token is multiplied by them (Yao et al. 2025, truncated / masked IS)."""
-    correction = state.config.algo.rollout_correction
-    if correction is None or correction.mode == "none":
-        return {}
-    assert batch.old_logprobs is not None
-    weights, keep, metrics = rollout_correction(
-        batch.old_logprobs,
-        batch.rollout_logprobs,
-        batch.loss_mask,
-        level=correction.level,
-        mode=correction.mode,
-        threshold=correction.threshold,
-        lower=correction.lower,
-    )
-    batch.correction_weights = weights * keep
-    return {f"correction/{name}": float(value) for name, value in metrics.items()}
+def _stack_keep_ids(kept: list[tuple[Tensor, Tensor]], batch: Batch) -> Tensor:
+    """Micro-batches' kept ids in one ``[batch, time, K]`` tensor, -1 padded."""
+    width = max(keep_ids.shape[-1] for _, keep_ids in kept)
+    out = torch.full((*batch.input_ids.shape, width), -1, dtype=torch.long)
+    for rows, keep_ids in kept:
+        out[rows, : keep_ids.shape[1], : keep_ids.shape[2]] = keep_ids
+    return out
 
 
 @torch.no_grad()
@@ -328,6 +325,7 @@ def _micro_batch_backward(
             temperature=temperature,
             with_entropy=True,
             entropy_grad=want_entropy,  # otherwise a metric only
+            keep_ids=micro.keep_ids,  # the old policy's sampling truncation, kept for the new one
         )
         assert entropy is not None
         per_token, loss_metrics = POLICY_LOSSES.call(
@@ -368,29 +366,6 @@ def _micro_batch_backward(
         metrics["value_loss"] = v_loss.item() / cfg.optim.vf_coef if cfg.optim.vf_coef else 0.0
         metrics.update({k: float(v) for k, v in v_metrics.items()})
     return metrics
-
-
-def corrected(
-    state: TrainState, per_token: torch.Tensor, logprobs: torch.Tensor, micro: Batch
-) -> torch.Tensor:
-    """The per-token policy loss ``[batch, time]`` times ``algo.rollout_correction``'s importance
-    weights, and its DeepSeek-V3.2 off-policy sequence mask (against the sampler's log-probs)."""
-    correction = state.config.algo.rollout_correction
-    if correction is None:
-        return per_token
-    if micro.correction_weights is not None:
-        per_token = per_token * micro.correction_weights
-    if correction.sequence_mask_delta is not None:
-        assert micro.advantages is not None
-        keep = off_policy_sequence_mask(
-            logprobs.detach(),
-            micro.rollout_logprobs,
-            micro.advantages,
-            micro.loss_mask,
-            delta=correction.sequence_mask_delta,
-        )
-        per_token = per_token * keep
-    return per_token
 
 
 def _optimizer_step(state: TrainState, train_policy: bool) -> float:
