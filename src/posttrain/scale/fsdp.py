@@ -156,12 +156,6 @@ class ShardedRole(TrainedRole):
         # so the rank shares must add up: scale by the world size (gloo has no pre-scaled sum)
         (loss * dist.get_world_size()).backward()
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # a DTensor: the norm over all ranks
-        full = getattr(norm, "full_tensor", None)
-        return float(full() if callable(full) else norm)
-
     def full_module(self) -> nn.Module:
         """The unsharded copy, given the current weights (collective: every rank calls it)."""
         self.full_copy.load_state_dict(get_model_state_dict(self.module, options=_FULL))

@@ -40,7 +40,9 @@ class TrainedRole:
         """Clip the accumulated gradients to ``max_norm``; returns the norm before clipping (NaN/inf
         when a gradient is)."""
         params = [p for p in self.module.parameters() if p.requires_grad]
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        full = getattr(norm, "full_tensor", None)  # sharded parameters: a DTensor over all ranks
+        return float(full() if callable(full) else norm)
 
     def apply_gradients(self, apply: bool) -> None:
         """One optimizer step with the accumulated gradients when ``apply`` (else they are dropped),

@@ -39,7 +39,7 @@ from posttrain.rollout.collector import Collector
 from posttrain.rollout.engine import RolloutEngine, SamplingParams
 from posttrain.train.config import TrainConfig
 from posttrain.train.off_policy import corrected, correction_weights
-from posttrain.train.roles import Actor, Critic, Ranks, weights_are_finite
+from posttrain.train.roles import Actor, Critic, Ranks
 
 
 @dataclass
@@ -264,10 +264,7 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
     counts: dict[str, int] = {}
     seconds = {"time/forward_backward": 0.0, "time/optimizer": 0.0}
     num_steps = skipped = 0
-    # dropout off: a random mask per forward pass would make even the first update off-policy
-    state.actor.dropout_off()
-    if state.critic is not None:
-        state.critic.dropout_off()
+    _dropout_off(state)
     for _epoch in range(cfg.optim.epochs):
         for rows in mini_batches(batch.episode_ids, num_mini_batches, generator):
             mini = batch.select(rows)
@@ -292,6 +289,7 @@ def update(state: TrainState, batch: Batch, step_seed: int) -> dict[str, float]:
             seconds["time/forward_backward"] += backward_done - started
             seconds["time/optimizer"] += time.perf_counter() - backward_done
             if math.isfinite(grad_norm):
+                # every rank holds the same global norm: its share, so the sum over ranks is the norm
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm / state.ranks.world_size
                 num_steps += 1
             else:
@@ -382,9 +380,17 @@ def _optimizer_step(state: TrainState, train_policy: bool) -> float:
     return grad_norm if finite else math.nan
 
 
+def _dropout_off(state: TrainState) -> None:
+    """Dropout off for the actor and the critic (eval mode; gradients still flow): a random mask
+    per forward pass would make even the first update off-policy."""
+    state.actor.dropout_off()
+    if state.critic is not None:
+        state.critic.dropout_off()
+
+
 def _check_weights(state: TrainState) -> None:
-    critic = state.critic.module if state.critic is not None else None
-    if not state.ranks.all_finite(weights_are_finite(state.actor.module, critic)):
+    finite = state.actor.weights_are_finite() and (state.critic is None or state.critic.weights_are_finite())
+    if not state.ranks.all_finite(finite):
         raise NonFiniteError(
             f"the weights are NaN/inf at RL step {state.step + 1}; nothing is saved from them. "
             f"Lower optim.lr (now {state.config.optim.lr:g}) or optim.max_grad_norm and resume from "
@@ -417,7 +423,7 @@ def rl_step(state: TrainState, rows: Sequence[dict[str, Any]]) -> dict[str, floa
     cfg = state.config
     seed = step_seed(cfg, state.step)
     t0 = time.perf_counter()
-    state.actor.dropout_off()  # old log-probs and the update see the sampler's network
+    _dropout_off(state)  # old log-probs, values and the update see the sampler's network
     params = sampling_params(cfg, max_new_tokens=state.max_new_tokens)
     _check_weights(state)
     try:
