@@ -66,3 +66,16 @@ def test_without_a_correction_the_loss_is_untouched() -> None:
     per_token = torch.tensor([[1.0, 2.0]])
     assert corrected(_state(), per_token, per_token, batch) is per_token
     assert correction_weights(_state(), batch) == {}
+
+
+def test_mask_mode_lower_bound_defaults_to_one_over_threshold() -> None:
+    batch = _batch([[-1.0, -2.0]], [[1.0, 1.0]])
+    batch.old_logprobs = batch.rollout_logprobs + math.log(0.8)  # ratio 0.8 on both tokens
+    kept = correction_weights(_state("algo.rollout_correction.mode=mask"), batch)  # [0.5, 2]
+    assert kept["correction/rollout_is_masked_frac"] == 0.0
+    torch.testing.assert_close(batch.correction_weights, torch.ones(1, 2))
+    dropped = correction_weights(
+        _state("algo.rollout_correction.mode=mask", "algo.rollout_correction.lower=0.9"), batch
+    )
+    assert dropped["correction/rollout_is_masked_frac"] == 1.0
+    torch.testing.assert_close(batch.correction_weights, torch.zeros(1, 2))
